@@ -1,0 +1,52 @@
+# filewatch: the single entry point, the same commands locally and in CI.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN := .run
+AGGREGATOR_ADDRESS ?= grpc://127.0.0.1:50051
+
+.PHONY: install proto check-proto fmt lint test run stop bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	rm -f gen/*_pb2*.py gen/*_pb2*.pyi
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Igen=proto --python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. proto/*.proto
+
+check-proto: proto
+	@if [ -n "$$(git status --porcelain gen/)" ]; then \
+		echo "gen/ is stale: run 'make proto' and commit the result"; \
+		git status --porcelain gen/; exit 1; fi
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format aggregator watcher common tests bench scripts
+	$(VENV)/bin/ruff check --fix aggregator watcher common tests bench scripts
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check aggregator watcher common tests bench scripts
+	$(VENV)/bin/ruff check aggregator watcher common tests bench scripts
+	$(VENV)/bin/mypy
+
+test: $(STAMP) check-proto lint
+	$(PY) -m pytest
+
+run: $(STAMP)
+	@$(PY) scripts/devrun.py start --aggregator-address '$(AGGREGATOR_ADDRESS)'
+
+stop:
+	@$(PYTHON) scripts/devrun.py stop
+
+bench: $(STAMP)
+	@echo "make bench: the benchmark harness is not built yet (see the benchmarks issue)"
+
+clean: stop
+	rm -rf $(RUN) .mypy_cache .ruff_cache .pytest_cache

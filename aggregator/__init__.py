@@ -1,0 +1,28 @@
+"""The filewatch aggregator: one sorted list of every file of every watcher."""
+
+from aggregator.config import AggregatorConfig
+from aggregator.errors import (
+    AggregatorError,
+    InvalidInputError,
+    LimitExceededError,
+    UnauthenticatedError,
+    UnknownWatcherError,
+)
+from aggregator.index import BatchStatus, Change, Entry, Event, EventKind, FileMeta, Index, Op
+
+__all__ = [
+    "AggregatorConfig",
+    "AggregatorError",
+    "BatchStatus",
+    "Change",
+    "Entry",
+    "Event",
+    "EventKind",
+    "FileMeta",
+    "Index",
+    "InvalidInputError",
+    "LimitExceededError",
+    "Op",
+    "UnauthenticatedError",
+    "UnknownWatcherError",
+]

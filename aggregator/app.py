@@ -1,0 +1,157 @@
+"""The aggregator's composition root: builds the parts and owns their lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+import grpc
+import structlog
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aggregator.config import AggregatorConfig, parse_hostport
+from aggregator.grpc_service import FileIndexService, SyncService
+from aggregator.http_gateway import make_app
+from aggregator.index import Index
+from aggregator.liveness import Liveness
+from aggregator.store import Store
+from aggregator.telemetry import Metrics
+from gen import filewatch_pb2 as pb
+from gen import filewatch_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["WatcherSync"].full_name,
+    pb.DESCRIPTOR.services_by_name["FileIndex"].full_name,
+)
+
+
+class Aggregator:
+    """One aggregator: gRPC and HTTP servers over one store, plus the TTL reaper.
+
+    `start()` binds every listener (port 0 allowed; `http_ports` and
+    `grpc_port` tell what was bound); `stop()` is graceful, bounded and
+    idempotent, and safe before `start()`.
+    """
+
+    def __init__(self, config: AggregatorConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.index = Index(max_files_per_watcher=config.max_files_per_watcher)
+        self.store = Store(
+            self.index,
+            self.metrics,
+            max_readers=config.max_readers,
+            reader_queue=config.reader_queue,
+        )
+        self.liveness = Liveness(config.ttl)
+        self.sync = SyncService(
+            self.store,
+            self.liveness,
+            token=config.token,
+            max_watchers=config.max_watchers,
+            hello_timeout=config.hello_timeout,
+        )
+        self.http_ports: list[int] = []
+        self.grpc_port = 0
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Bind and serve; returns once every listener is up."""
+        cfg = self.config
+        keepalive_ms = int(cfg.keepalive * 1000)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", keepalive_ms),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                # Watchers ping every --keepalive seconds; allow down to 1 s.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+            ]
+        )
+        self._server = server
+        pb_grpc.add_WatcherSyncServicer_to_server(self.sync, server)
+        pb_grpc.add_FileIndexServicer_to_server(FileIndexService(self.store), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.grpc_port = server.add_insecure_port(cfg.grpc)
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        self._runner = web.AppRunner(
+            make_app(self.store, self.metrics), handle_signals=False, access_log=None
+        )
+        await self._runner.setup()
+        for address in cfg.http:
+            host, port = parse_hostport(address)
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            await site.start()
+            self.http_ports.append(self._runner.addresses[-1][1])
+        self._reaper = asyncio.create_task(self._reap(), name="ttl-reaper")
+        grpc_host = parse_hostport(cfg.grpc)[0]
+        log.info(
+            "aggregator_started",
+            http=[
+                f"{parse_hostport(a)[0]}:{p}"
+                for a, p in zip(cfg.http, self.http_ports, strict=True)
+            ],
+            grpc=f"{grpc_host}:{self.grpc_port}",
+            ttl=cfg.ttl,
+        )
+
+    async def _reap(self) -> None:
+        """Remove the files of watchers whose TTL ran out."""
+        period = min(1.0, self.config.ttl / 4)
+        while True:
+            await asyncio.sleep(period)
+            for node in self.liveness.expired(time.monotonic()):
+                removed = self.store.remove_watcher(node)
+                log.info("watcher_expired", node=node, files_removed=removed)
+
+    async def stop(self) -> None:
+        """Graceful, bounded shutdown: health, streams, gRPC, HTTP."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("aggregator_stopping", grace=self.config.grace)
+        await self._health.enter_graceful_shutdown()
+        self.sync.shutdown()
+        self.store.close_readers("aggregator shutting down")
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self._server is not None:
+            await self._server.stop(self.config.grace)
+        if self._runner is not None:
+            await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.grace + 1)
+        log.info("aggregator_stopped")
+
+
+async def run(config: AggregatorConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    aggregator = Aggregator(config)
+    try:
+        await aggregator.start()
+        await stop.wait()
+    finally:
+        await aggregator.stop()

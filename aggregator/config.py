@@ -1,0 +1,161 @@
+"""The aggregator's configuration: one frozen dataclass built from argv and env."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from common.flags import ENV_PREFIX, add_flag
+
+DEFAULT_HTTP = ("127.0.0.1:8000", "127.0.0.1:12345")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 in brackets); port 0 asks for any free port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host.strip("[]"), number
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything `python -m aggregator` can be told."""
+
+    http: tuple[str, ...] = DEFAULT_HTTP
+    """HTTP listen addresses (JSON read API, legacy ingestion, /metrics, /healthz)."""
+    grpc: str = "127.0.0.1:50051"
+    """gRPC listen address (Sync, FileIndex, health, reflection)."""
+    ttl: float = 15.0
+    """Seconds a vanished watcher's files are kept before they are removed."""
+    token: str = ""
+    """Shared token required for ingestion; empty: none."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    log_format: str = "auto"
+    """kv, json, or auto (json when stdout is not a terminal)."""
+    max_watchers: int = 10_000
+    """Watchers held at once."""
+    max_files_per_watcher: int = 5_000_000
+    """Files one watcher may report."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted."""
+    max_readers: int = 1_000
+    """WatchFiles readers at once."""
+    reader_queue: int = 10_000
+    """Events buffered per WatchFiles reader before it is dropped as slow."""
+    hello_timeout: float = 10.0
+    """Seconds a new Sync stream has to say hello."""
+    keepalive: float = 10.0
+    """Seconds between gRPC keepalive pings; a peer silent for 2x this is dropped."""
+    grace: float = 5.0
+    """Seconds of graceful shutdown before open calls are cancelled."""
+
+    def __post_init__(self) -> None:
+        for address in (*self.http, self.grpc):
+            parse_hostport(address)
+        if not self.http:
+            raise ValueError("at least one --http address is needed")
+        if self.ttl <= 0:
+            raise ValueError("--ttl must be positive")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"unknown --log-level {self.log_level!r}")
+        if self.log_format not in ("kv", "json", "auto"):
+            raise ValueError(f"unknown --log-format {self.log_format!r}")
+        for name in ("max_watchers", "max_files_per_watcher", "max_message_bytes", "max_readers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.reader_queue <= 0 or self.hello_timeout <= 0 or self.keepalive <= 0:
+            raise ValueError("queue sizes and timeouts must be positive")
+        if self.grace < 0:
+            raise ValueError("--grace must not be negative")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The command line, with every flag's default taken from its env twin."""
+    d = AggregatorConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m aggregator",
+        description="filewatch aggregator: one sorted list of every file of every watcher.",
+        allow_abbrev=False,
+    )
+
+    def opt(flag: str, *, help: str, default: object, **kw: Any) -> None:
+        add_flag(p, env, flag, help=help, default=default, **kw)
+
+    env_http = env.get(ENV_PREFIX + "HTTP")
+    p.add_argument(
+        "--http",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="HTTP listen address, repeatable; replaces the defaults "
+        f"(env {ENV_PREFIX}HTTP, comma-separated; default: {','.join(DEFAULT_HTTP)})",
+    )
+    p.set_defaults(env_http=env_http)
+    opt("--grpc", help="gRPC listen address HOST:PORT", default=d.grpc, metavar="HOST:PORT")
+    opt("--ttl", help="seconds a vanished watcher's files are kept", default=d.ttl, type=float)
+    opt("--token", help="shared token required for ingestion", default=d.token)
+    opt("--log-level", help="debug|info|warning|error", default=d.log_level)
+    opt("--log-format", help="kv|json|auto", default=d.log_format)
+    opt("--max-watchers", help="watchers held at once", default=d.max_watchers, type=int)
+    opt(
+        "--max-files-per-watcher",
+        help="files one watcher may report",
+        default=d.max_files_per_watcher,
+        type=int,
+    )
+    opt(
+        "--max-message-bytes",
+        help="largest gRPC message accepted",
+        default=d.max_message_bytes,
+        type=int,
+    )
+    opt("--max-readers", help="WatchFiles readers at once", default=d.max_readers, type=int)
+    opt(
+        "--reader-queue",
+        help="events buffered per WatchFiles reader before it is dropped",
+        default=d.reader_queue,
+        type=int,
+    )
+    opt(
+        "--hello-timeout",
+        help="seconds a Sync stream has to say hello",
+        default=d.hello_timeout,
+        type=float,
+    )
+    opt("--keepalive", help="seconds between gRPC keepalive pings", default=d.keepalive, type=float)
+    opt("--grace", help="seconds of graceful shutdown", default=d.grace, type=float)
+    return p
+
+
+def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
+    """Build the config from a command line and an environment (both injected)."""
+    ns = build_parser(env).parse_args(list(argv))
+    if ns.http:
+        http = tuple(ns.http)
+    elif ns.env_http:
+        http = tuple(a.strip() for a in ns.env_http.split(",") if a.strip())
+    else:
+        http = DEFAULT_HTTP
+    return AggregatorConfig(
+        http=http,
+        grpc=ns.grpc,
+        ttl=ns.ttl,
+        token=ns.token,
+        log_level=ns.log_level,
+        log_format=ns.log_format,
+        max_watchers=ns.max_watchers,
+        max_files_per_watcher=ns.max_files_per_watcher,
+        max_message_bytes=ns.max_message_bytes,
+        max_readers=ns.max_readers,
+        reader_queue=ns.reader_queue,
+        hello_timeout=ns.hello_timeout,
+        keepalive=ns.keepalive,
+        grace=ns.grace,
+    )

@@ -1,0 +1,479 @@
+"""gRPC adapters: the Sync ingestion stream and the FileIndex read service.
+
+They translate proto messages to core types and domain errors to status codes
+(one table, `_STATUS`); the decisions live in the store and the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Callable, Iterable
+
+import grpc
+import orjson
+import structlog
+
+from aggregator.errors import (
+    AggregatorError,
+    InvalidInputError,
+    LimitExceededError,
+    UnauthenticatedError,
+    UnknownWatcherError,
+)
+from aggregator.index import BatchStatus, Change, Entry, Event, EventKind, FileMeta, Op
+from aggregator.liveness import Liveness
+from aggregator.names import invalid_name_reason, rfc3339
+from aggregator.store import Store
+from gen import filewatch_pb2 as pb
+from gen import filewatch_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+PROTOCOL = "grpc"
+
+_STATUS: dict[type[AggregatorError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownWatcherError: grpc.StatusCode.NOT_FOUND,
+    LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+_OPS = {pb.OP_ADD: Op.ADD, pb.OP_REMOVE: Op.REMOVE, pb.OP_MODIFY: Op.MODIFY}
+_KINDS = {
+    EventKind.ADDED: pb.FileEvent.KIND_ADDED,
+    EventKind.REMOVED: pb.FileEvent.KIND_REMOVED,
+    EventKind.MODIFIED: pb.FileEvent.KIND_MODIFIED,
+}
+_MAX_NAME_FIELD = 256
+
+
+def status_of(error: AggregatorError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error."""
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def check_token(token: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+    """Raise UnauthenticatedError unless `authorization: Bearer <token>` matches."""
+    if not token:
+        return
+    presented = ""
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            presented = value.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(presented.encode(), token.encode()):
+        raise UnauthenticatedError("missing or wrong token")
+
+
+def entry_to_pb(entry: Entry) -> pb.FileEntry:
+    """A core entry as a proto FileEntry."""
+    return pb.FileEntry(
+        filename=entry.filename,
+        raw_name=entry.raw_name,
+        node=entry.node,
+        size=entry.size,
+        modified_unix_ns=entry.mtime_ns,
+        modified=rfc3339(entry.mtime_ns),
+    )
+
+
+def changes_from_pb(batch: pb.Batch) -> list[Change]:
+    """Validate and convert a batch's changes; nothing is applied on error."""
+    out = []
+    for i, ch in enumerate(batch.changes):
+        op = _OPS.get(ch.op)
+        if op is None:
+            raise InvalidInputError(f"change {i}: unknown op {ch.op}")
+        reason = invalid_name_reason(ch.file.name)
+        if reason:
+            raise InvalidInputError(f"change {i}: {reason}")
+        out.append(Change(op, ch.file.name, FileMeta(ch.file.size, ch.file.mtime_ns)))
+    return out
+
+
+def files_from_pb(chunk: pb.SnapshotChunk) -> list[tuple[bytes, FileMeta]]:
+    """Validate and convert a snapshot chunk."""
+    out = []
+    for i, f in enumerate(chunk.files):
+        reason = invalid_name_reason(f.name)
+        if reason:
+            raise InvalidInputError(f"snapshot file {i}: {reason}")
+        out.append((f.name, FileMeta(f.size, f.mtime_ns)))
+    return out
+
+
+class _Stop(Exception):
+    """The stream must end now: shutdown, or superseded by a newer stream."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _SyncStream:
+    """State of one Sync stream: who it is and where it stands."""
+
+    def __init__(self, service: SyncService, context: grpc.aio.ServicerContext) -> None:
+        self.service = service
+        self.context = context
+        self.node = ""
+        self.epoch = ""
+        self.in_snapshot = False
+        self.snapshot_count = 0
+        self.awaiting_snapshot = False
+        self.stop_reason: _Stop | None = None
+        self.wakeup = asyncio.Event()
+
+    def kick(self, code: grpc.StatusCode, details: str) -> None:
+        """End this stream from outside (superseded, shutdown)."""
+        if self.stop_reason is None:
+            self.stop_reason = _Stop(code, details)
+        self.wakeup.set()
+
+    async def read(self, waiter: asyncio.Task[bool], timeout: float | None = None) -> object:  # noqa: ASYNC109 (one read, raced against a kick)
+        """The next message, or raise _Stop if kicked meanwhile."""
+        if self.stop_reason is not None:
+            raise self.stop_reason
+        reader = asyncio.ensure_future(self.context.read())
+        done, _ = await asyncio.wait(
+            {reader, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if reader in done:
+            return reader.result()
+        reader.cancel()
+        if self.stop_reason is not None:
+            raise self.stop_reason
+        raise InvalidInputError("no hello within the hello timeout")
+
+
+class SyncService(pb_grpc.WatcherSyncServicer):
+    """The ingestion side: one `Sync` stream per watcher process."""
+
+    def __init__(
+        self,
+        store: Store,
+        liveness: Liveness,
+        *,
+        token: str = "",
+        max_watchers: int = 10_000,
+        hello_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._liveness = liveness
+        self._token = token
+        self._max_watchers = max_watchers
+        self._hello_timeout = hello_timeout
+        self._clock = clock
+        self._owners: dict[str, _SyncStream] = {}
+        self._streams: set[_SyncStream] = set()
+
+    @property
+    def stream_count(self) -> int:
+        """Sync streams open now."""
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        """End every open stream with UNAVAILABLE (graceful shutdown)."""
+        for stream in list(self._streams):
+            stream.kick(grpc.StatusCode.UNAVAILABLE, "aggregator shutting down")
+
+    # grpc.aio allows a streaming handler to use context.read()/write() and
+    # return None; the generated stub only knows the iterator style.
+    async def Sync(  # type: ignore[override]
+        self,
+        request_iterator: object,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        stream = _SyncStream(self, context)
+        self._streams.add(stream)
+        waiter = asyncio.ensure_future(stream.wakeup.wait())
+        clean = False
+        code = "OK"
+        try:
+            check_token(self._token, context.invocation_metadata())
+            clean = await self._serve(stream, waiter)
+        except _Stop as stop:
+            code = stop.code.name
+            await context.abort(stop.code, stop.details)
+        except AggregatorError as err:
+            status = status_of(err)
+            code = status.name
+            kind = type(err).__name__
+            self._store.metrics.errors.labels(kind).inc()
+            log.warning("sync_rejected", node=stream.node, error=str(err), code=code)
+            await context.abort(status, str(err))
+        finally:
+            waiter.cancel()
+            self._streams.discard(stream)
+            self._ended(stream, clean)
+            self._store.metrics.grpc_requests.labels("Sync", code).inc()
+
+    def _ended(self, stream: _SyncStream, clean: bool) -> None:
+        node = stream.node
+        if not node or self._owners.get(node) is not stream:
+            return
+        del self._owners[node]
+        self._store.index.abort_snapshot(node)
+        if clean:
+            removed = self._store.remove_watcher(node)
+            self._liveness.forget(node)
+            log.info("watcher_left", node=node, files_removed=removed)
+        else:
+            self._liveness.vanished(node, self._clock())
+            log.info("watcher_vanished", node=node, ttl=self._liveness.ttl)
+        self._update_watcher_gauge()
+
+    def _update_watcher_gauge(self) -> None:
+        counts = self._liveness.count_by_protocol()
+        self._store.metrics.watchers.labels(PROTOCOL).set(counts.get(PROTOCOL, 0))
+
+    async def _serve(self, stream: _SyncStream, waiter: asyncio.Task[bool]) -> bool:
+        """Run the stream; True if it ended cleanly (goodbye or half-close)."""
+        first = await stream.read(waiter, self._hello_timeout)
+        if first is grpc.aio.EOF:
+            return False
+        if not isinstance(first, pb.WatcherMessage) or first.WhichOneof("kind") != "hello":
+            raise InvalidInputError("the first message of a Sync stream must be a hello")
+        await self._hello(stream, first.hello)
+        while True:
+            msg = await stream.read(waiter)
+            if msg is grpc.aio.EOF:
+                return True
+            assert isinstance(msg, pb.WatcherMessage)
+            kind = msg.WhichOneof("kind")
+            if kind == "batch":
+                await self._batch(stream, msg.batch)
+            elif kind == "snapshot_chunk":
+                self._chunk(stream, msg.snapshot_chunk)
+            elif kind == "snapshot_end":
+                await self._snapshot_end(stream, msg.snapshot_end)
+            elif kind == "heartbeat":
+                await self._heartbeat(stream, msg.heartbeat)
+            elif kind == "goodbye":
+                return True
+            elif kind == "hello":
+                raise InvalidInputError("hello sent twice on one stream")
+            else:
+                raise InvalidInputError("empty message")
+
+    async def _hello(self, stream: _SyncStream, hello: pb.Hello) -> None:
+        for field_name in ("node", "epoch"):
+            value = getattr(hello, field_name)
+            if not value or len(value) > _MAX_NAME_FIELD:
+                raise InvalidInputError(
+                    f"hello.{field_name} must be 1-{_MAX_NAME_FIELD} characters"
+                )
+        index = self._store.index
+        info = index.watcher(hello.node)
+        if info is None and index.watcher_count >= self._max_watchers:
+            raise LimitExceededError(f"at most {self._max_watchers} watchers")
+        stream.node, stream.epoch = hello.node, hello.epoch
+        previous = self._owners.get(hello.node)
+        if previous is not None:
+            previous.kick(grpc.StatusCode.ABORTED, "superseded by a newer stream for this node")
+        self._owners[hello.node] = stream
+        self._liveness.connected(hello.node, PROTOCOL)
+        self._update_watcher_gauge()
+        resume = (
+            info is not None
+            and info.epoch == hello.epoch
+            and info.synced
+            and info.applied_sequence <= hello.last_sequence
+        )
+        applied = info.applied_sequence if resume and info else 0
+        log.info(
+            "watcher_hello",
+            node=hello.node,
+            folder=hello.folder,
+            epoch=hello.epoch,
+            resume=resume,
+            applied_sequence=applied,
+            last_sequence=hello.last_sequence,
+        )
+        welcome = pb.Welcome(
+            epoch=hello.epoch if resume else "", resume=resume, applied_sequence=applied
+        )
+        await stream.context.write(pb.AggregatorMessage(welcome=welcome))
+
+    def _chunk(self, stream: _SyncStream, chunk: pb.SnapshotChunk) -> None:
+        files = files_from_pb(chunk)
+        if not stream.in_snapshot:
+            self._store.index.begin_snapshot(stream.node, stream.epoch)
+            stream.in_snapshot, stream.snapshot_count = True, 0
+            stream.awaiting_snapshot = False
+        stream.snapshot_count += len(files)
+        self._store.index.extend_snapshot(stream.node, files)
+
+    async def _snapshot_end(self, stream: _SyncStream, end: pb.SnapshotEnd) -> None:
+        index = self._store.index
+        if not stream.in_snapshot:
+            index.begin_snapshot(stream.node, stream.epoch)  # an empty folder
+            stream.snapshot_count = 0
+        stream.in_snapshot = False
+        stream.awaiting_snapshot = False
+        if end.count != stream.snapshot_count:
+            index.abort_snapshot(stream.node)
+            raise InvalidInputError(
+                f"snapshot end says {end.count} files, {stream.snapshot_count} were sent"
+            )
+        had = index.watcher(stream.node)
+        reason = "new_instance" if had is None or not had.synced else "resync"
+        events = self._store.commit_snapshot(stream.node, end.sequence, reason)
+        log.info(
+            "snapshot_installed",
+            node=stream.node,
+            files=end.count,
+            changed=len(events),
+            sequence=end.sequence,
+        )
+        ack = pb.Ack(applied_sequence=end.sequence)
+        await stream.context.write(pb.AggregatorMessage(ack=ack))
+
+    async def _batch(self, stream: _SyncStream, batch: pb.Batch) -> None:
+        changes = changes_from_pb(batch)
+        if stream.in_snapshot:
+            raise InvalidInputError("batch sent inside a snapshot")
+        if stream.awaiting_snapshot:
+            return  # in flight before our resync request; the snapshot covers it
+        result = self._store.apply_batch(
+            stream.node,
+            stream.epoch,
+            batch.sequence,
+            changes,
+            protocol=PROTOCOL,
+            observed_ns=batch.observed_unix_ns,
+        )
+        if result.status is BatchStatus.GAP:
+            await self._resync(stream, "gap", result.applied_sequence)
+
+    async def _heartbeat(self, stream: _SyncStream, beat: pb.Heartbeat) -> None:
+        info = self._store.index.watcher(stream.node)
+        applied = info.applied_sequence if info else 0
+        if (
+            info is not None
+            and info.synced
+            and not stream.in_snapshot
+            and not stream.awaiting_snapshot
+            and beat.sequence > applied
+        ):
+            # The watcher has sent more than we applied and not resent it.
+            await self._resync(stream, "behind", applied)
+            return
+        await stream.context.write(pb.AggregatorMessage(ack=pb.Ack(applied_sequence=applied)))
+
+    async def _resync(self, stream: _SyncStream, reason: str, applied: int) -> None:
+        stream.awaiting_snapshot = True
+        self._store.metrics.resyncs.labels(reason).inc()
+        log.info("resync_requested", node=stream.node, reason=reason, applied_sequence=applied)
+        msg = pb.Resync(reason=reason, applied_sequence=applied)
+        await stream.context.write(pb.AggregatorMessage(resync=msg))
+
+
+def encode_page_token(entry: Entry) -> str:
+    """An opaque token naming the last entry of a page."""
+    return base64.urlsafe_b64encode(orjson.dumps([entry.raw_name.hex(), entry.node])).decode()
+
+
+def decode_page_token(token: str) -> tuple[bytes, str]:
+    """The (raw name, node) a page token names."""
+    try:
+        raw_hex, node = orjson.loads(base64.urlsafe_b64decode(token.encode()))
+        return bytes.fromhex(raw_hex), str(node)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
+        raise InvalidInputError("malformed page_token") from exc
+
+
+class FileIndexService(pb_grpc.FileIndexServicer):
+    """The read side: ListFiles (paged) and WatchFiles (list, then changes)."""
+
+    def __init__(self, store: Store, *, default_page: int = 1000, max_page: int = 10_000) -> None:
+        self._store = store
+        self._default_page = default_page
+        self._max_page = max_page
+
+    async def ListFiles(
+        self,
+        request: pb.ListFilesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ListFilesResponse:
+        size = min(request.page_size or self._default_page, self._max_page)
+        after = None
+        if request.page_token:
+            try:
+                after = decode_page_token(request.page_token)
+            except InvalidInputError as err:
+                self._store.metrics.grpc_requests.labels("ListFiles", "INVALID_ARGUMENT").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        index = self._store.index
+        page = index.page_after(after, size)
+        next_token = ""
+        if page and index.has_after(page[-1]):
+            next_token = encode_page_token(page[-1])
+        self._store.metrics.grpc_requests.labels("ListFiles", "OK").inc()
+        return pb.ListFilesResponse(
+            files=[entry_to_pb(e) for e in page],
+            version=index.version,
+            count=len(index),
+            next_page_token=next_token,
+        )
+
+    async def WatchFiles(  # type: ignore[override]
+        self,
+        request: pb.WatchFilesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        store = self._store
+        try:
+            sub = store.subscribe()
+        except LimitExceededError as err:
+            store.metrics.grpc_requests.labels("WatchFiles", "RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        code = grpc.StatusCode.OK
+        try:
+            # Subscribed and read in one step of the loop: nothing falls between.
+            backlog = (
+                store.history_since(request.resume_version) if request.resume_version else None
+            )
+            if backlog is None:
+                version = store.index.version
+                entries = tuple(store.index.entries())
+                for start in range(0, max(len(entries), 1), self._default_page):
+                    part = entries[start : start + self._default_page]
+                    done = start + self._default_page >= len(entries)
+                    chunk = pb.ListChunk(
+                        files=[entry_to_pb(e) for e in part], version=version, done=done
+                    )
+                    await context.write(pb.WatchFilesResponse(list=chunk))
+            else:
+                for event in backlog:
+                    await context.write(_event_to_pb(event))
+            while True:
+                item = await sub.queue.get()
+                if item is None:
+                    code = (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED
+                        if sub.slow
+                        else grpc.StatusCode.UNAVAILABLE
+                    )
+                    await context.abort(code, sub.reason or "stream closed")
+                    return
+                await context.write(_event_to_pb(item))
+        finally:
+            store.unsubscribe(sub)
+            store.metrics.grpc_requests.labels("WatchFiles", code.name).inc()
+
+
+def _event_to_pb(event: Event) -> pb.WatchFilesResponse:
+    return pb.WatchFilesResponse(
+        event=pb.FileEvent(
+            kind=_KINDS[event.kind], entry=entry_to_pb(event.entry), version=event.version
+        )
+    )

@@ -1,0 +1,191 @@
+"""The aggregator's HTTP side: `GET /files/`, `/healthz`, `/metrics`.
+
+`make_app` is the factory; dependencies live under typed `web.AppKey`s. One
+middleware turns errors into `application/problem+json` and counts requests.
+The `/files/` body is encoded once per index version and served from that
+cache (with its gzip form and ETag) to every reader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from aggregator.errors import AggregatorError, InvalidInputError, LimitExceededError
+from aggregator.index import Entry, Index
+from aggregator.names import rfc3339
+from aggregator.store import Store
+from aggregator.telemetry import Metrics
+
+log = structlog.get_logger(__name__)
+
+JSON_TYPE = "application/json"
+PROBLEM_TYPE = "application/problem+json"
+_GZIP_MIN = 1024
+
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+
+def json_string(text: str) -> bytes:
+    """A JSON string literal; lone surrogates (undecodable bytes) become \\udcXX escapes."""
+    try:
+        return orjson.dumps(text)
+    except orjson.JSONEncodeError:
+        return json.dumps(text).encode("ascii")
+
+
+def encode_files(index: Index, detail: bool) -> bytes:
+    """The `/files/` body: `{"files":[{"filename":...}]}`, or with details."""
+    if not detail:
+        parts: Iterable[bytes] = (
+            b'{"filename":' + json_string(n) + b"}" for n in index.filenames()
+        )
+        return b'{"files":[' + b",".join(parts) + b"]}"
+    return (
+        b'{"files":['
+        + b",".join(_detail_entry(e) for e in index.entries())
+        + b'],"version":%d,"count":%d}' % (index.version, len(index))
+    )
+
+
+def _detail_entry(e: Entry) -> bytes:
+    return b'{"filename":%b,"node":%b,"size":%d,"modified":"%b"}' % (
+        json_string(e.filename),
+        json_string(e.node),
+        e.size,
+        rfc3339(e.mtime_ns).encode(),
+    )
+
+
+@dataclass(slots=True)
+class _Body:
+    version: int
+    plain: bytes
+    etag: str
+    gzipped: bytes | None = None
+
+
+class FilesBodies:
+    """The encoded `/files/` bodies, rebuilt at most once per index version."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._boot = secrets.token_hex(4)  # a restart must not reuse an ETag
+        self._cache: dict[bool, _Body] = {}
+
+    def get(self, detail: bool) -> _Body:
+        """The body of the current version, encoding it if it is not cached."""
+        version = self._index.version
+        body = self._cache.get(detail)
+        if body is None or body.version != version:
+            plain = encode_files(self._index, detail)
+            etag = f'"{self._boot}-{version}{"-d" if detail else ""}"'
+            body = self._cache[detail] = _Body(version, plain, etag)
+        return body
+
+    @staticmethod
+    def gzipped(body: _Body) -> bytes:
+        """The gzip form of a body, compressed once."""
+        if body.gzipped is None:
+            body.gzipped = gzip.compress(body.plain, compresslevel=5, mtime=0)
+        return body.gzipped
+
+
+BODIES: web.AppKey[FilesBodies] = web.AppKey("bodies", FilesBodies)
+
+
+def problem(status: int, title: str, detail: str, instance: str) -> web.Response:
+    """An RFC 9457 problem response."""
+    payload = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    payload["instance"] = instance
+    return web.Response(status=status, body=orjson.dumps(payload), content_type=PROBLEM_TYPE)
+
+
+_ERROR_STATUS: dict[type[AggregatorError], int] = {
+    InvalidInputError: 400,
+    LimitExceededError: 429,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain and HTTP errors as problem+json; every request counted and timed."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    start = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem(exc.status, exc.reason, exc.text or exc.reason, request.path)
+    except AggregatorError as err:
+        status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(err, cls)), 400)
+        log.warning("http_rejected", path=request.path, error=str(err), status=status)
+        response = problem(status, type(err).__name__, str(err), request.path)
+    except Exception:
+        log.exception("http_unexpected_error", path=request.path)
+        response = problem(
+            500, "Internal Server Error", "unexpected error; see the log", request.path
+        )
+    metrics.http_requests.labels(route_name, str(response.status)).inc()
+    metrics.http_duration.labels(route_name).observe(time.perf_counter() - start)
+    return response
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.lower() in ("1", "true", "yes", "on")
+
+
+async def get_files(request: web.Request) -> web.StreamResponse:
+    """GET /files/: every file of every watcher, sorted by name then watcher."""
+    bodies = request.app[BODIES]
+    body = bodies.get(_truthy(request.query.get("detail")))
+    headers = {"ETag": body.etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
+    if body.etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    payload = body.plain
+    if len(payload) >= _GZIP_MIN and "gzip" in request.headers.get("Accept-Encoding", ""):
+        payload = bodies.gzipped(body)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=payload, headers=headers, content_type=JSON_TYPE, charset="utf-8")
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    """GET /healthz: alive, with a few figures."""
+    index = request.app[STORE].index
+    payload = {"status": "ok", "files": len(index), "watchers": index.watcher_count}
+    return web.Response(body=orjson.dumps(payload), content_type=JSON_TYPE)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(store: Store, metrics: Metrics, *, client_max_size: int = 1024**2) -> web.Application:
+    """The aiohttp application of the aggregator."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
+    app[STORE] = store
+    app[METRICS] = metrics
+    app[BODIES] = FilesBodies(store.index)
+    # Both spellings answer directly: a redirect would turn a legacy PATCH into a GET.
+    app.router.add_get("/files/", get_files)
+    app.router.add_get("/files", get_files)
+    app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/metrics", get_metrics)
+    return app

@@ -1,0 +1,168 @@
+"""The index's owner: applies changes, publishes events, keeps metrics and history.
+
+One `Store` per aggregator, used only from the event loop. Both ingestion
+adapters (gRPC and legacy HTTP) call the same methods, so the core stays
+protocol-neutral. Readers (WatchFiles) subscribe with a bounded queue and are
+dropped, never buffered without end, when they fall behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from aggregator.errors import LimitExceededError
+from aggregator.index import BatchResult, BatchStatus, Change, Event, EventKind, Index
+from aggregator.telemetry import Metrics
+
+_OP_LABEL = {EventKind.ADDED: "add", EventKind.REMOVED: "remove", EventKind.MODIFIED: "modify"}
+
+
+class Subscriber:
+    """One WatchFiles reader: a bounded queue of events; None in it means closed."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize + 1)
+        self.maxsize = maxsize
+        self.reason: str | None = None
+        self.slow = False
+
+    def close(self, reason: str, *, slow: bool = False) -> None:
+        """End the reader: drop what it has not read and wake it with None."""
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self.slow = slow
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class Store:
+    """The index plus its readers and metrics.
+
+    Args:
+        index: the core this store owns.
+        metrics: where applied changes are counted.
+        max_readers: WatchFiles readers at once.
+        reader_queue: events buffered per reader before it is dropped as slow.
+        history: recent events kept so that readers can resume from a version.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        metrics: Metrics,
+        *,
+        max_readers: int = 1000,
+        reader_queue: int = 10_000,
+        history: int = 10_000,
+    ) -> None:
+        self.index = index
+        self.metrics = metrics
+        self._max_readers = max_readers
+        self._reader_queue = reader_queue
+        self._history: deque[Event] = deque(maxlen=history)
+        self._subscribers: set[Subscriber] = set()
+
+    # ------------------------------------------------------------ writing
+
+    def commit_snapshot(self, node: str, sequence: int, reason: str) -> tuple[Event, ...]:
+        """Swap in the snapshot received for `node` and publish what changed."""
+        events = self.index.commit_snapshot(node, sequence)
+        self.metrics.snapshots.labels(reason).inc()
+        self._applied(node, events)
+        return events
+
+    def apply_batch(
+        self,
+        node: str,
+        epoch: str,
+        sequence: int,
+        changes: Iterable[Change],
+        *,
+        protocol: str,
+        observed_ns: int | None = None,
+    ) -> BatchResult:
+        """Apply a batch, publish its events and record its sync lag."""
+        result = self.index.apply_batch(node, epoch, sequence, changes)
+        if result.status is BatchStatus.APPLIED:
+            self._applied(node, result.events)
+            if observed_ns:
+                lag = max(0.0, (time.time_ns() - observed_ns) / 1e9)
+                self.metrics.sync_lag.labels(protocol).observe(lag)
+        elif result.status is BatchStatus.DUPLICATE:
+            self.metrics.duplicates.inc()
+        return result
+
+    def remove_watcher(self, node: str) -> int:
+        """Remove a watcher and publish its removals; returns how many files went."""
+        events = self.index.remove_watcher(node)
+        self._applied(node, events)
+        with contextlib.suppress(KeyError):  # never had a files gauge
+            self.metrics.watcher_files.remove(node)
+        return len(events)
+
+    def _applied(self, node: str, events: tuple[Event, ...]) -> None:
+        for ev in events:
+            self.metrics.changes.labels(_OP_LABEL[ev.kind]).inc()
+        info = self.index.watcher(node)
+        if info is not None:
+            self.metrics.watcher_files.labels(node).set(info.file_count)
+        self.metrics.files.set(len(self.index))
+        self.publish(events)
+
+    # ------------------------------------------------------------ readers
+
+    @property
+    def reader_count(self) -> int:
+        """WatchFiles readers subscribed now."""
+        return len(self._subscribers)
+
+    def publish(self, events: tuple[Event, ...]) -> None:
+        """Record applied events and hand them to every reader."""
+        if not events:
+            return
+        self._history.extend(events)
+        for sub in list(self._subscribers):
+            if sub.queue.qsize() + len(events) > sub.maxsize:
+                self.metrics.readers_dropped.inc()
+                sub.close("reader too slow: its queue of events is full", slow=True)
+                self._subscribers.discard(sub)
+                continue
+            for ev in events:
+                sub.queue.put_nowait(ev)
+        self.metrics.readers.set(len(self._subscribers))
+
+    def subscribe(self) -> Subscriber:
+        """Register a reader; events published from now on reach its queue."""
+        if len(self._subscribers) >= self._max_readers:
+            raise LimitExceededError(f"at most {self._max_readers} WatchFiles readers at once")
+        sub = Subscriber(self._reader_queue)
+        self._subscribers.add(sub)
+        self.metrics.readers.set(len(self._subscribers))
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """Forget a reader (idempotent)."""
+        self._subscribers.discard(sub)
+        self.metrics.readers.set(len(self._subscribers))
+
+    def history_since(self, version: int) -> tuple[Event, ...] | None:
+        """Events after `version`, or None if the history no longer reaches back."""
+        current = self.index.version
+        if version == current:
+            return ()
+        if version > current or not self._history or self._history[0].version > version + 1:
+            return None
+        return tuple(ev for ev in self._history if ev.version > version)
+
+    def close_readers(self, reason: str) -> None:
+        """End every reader (shutdown)."""
+        for sub in self._subscribers:
+            sub.close(reason)
+        self._subscribers.clear()
+        self.metrics.readers.set(0)

@@ -1,0 +1,1 @@
+"""Pieces both services use: logging setup and flag helpers."""

@@ -1,0 +1,31 @@
+"""`python -m watcher`: parse flags (the Go watcher's too), configure logging, watch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from common.logs import configure
+from watcher.app import WatcherError, run
+from watcher.config import from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    try:
+        config = from_args(sys.argv[1:] if argv is None else argv, os.environ)
+    except ValueError as err:
+        print(f"watcher: {err}", file=sys.stderr)
+        return 2
+    configure(config.log_level, config.log_format, service="watcher", folder=config.dir)
+    try:
+        asyncio.run(run(config))
+    except WatcherError as err:
+        print(f"watcher: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

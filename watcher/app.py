@@ -1,0 +1,195 @@
+"""The watcher's composition root: folder state, observer, HTTP server, sync stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from watcher.client import Identity, SyncClient
+from watcher.config import WatcherConfig
+from watcher.fs_events import FolderObserver, Observation
+from watcher.scanner import scan_folder, stat_file
+from watcher.state import FolderState
+
+log = structlog.get_logger(__name__)
+
+
+class WatcherError(Exception):
+    """The watcher cannot start (folder missing, port taken, ...)."""
+
+
+class Watcher:
+    """One watcher process: watches `config.dir` and reports it to the aggregator."""
+
+    def __init__(self, config: WatcherConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.folder = os.fsencode(os.path.abspath(config.dir))
+        self.state = FolderState(resend_buffer=config.resend_buffer)
+        self.instance = uuid.uuid4().hex
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.http_port = 0
+        self._wake = asyncio.Event()
+        self._client: SyncClient | None = None
+        r = self.registry
+        self._fs_events = Counter(
+            "filewatch_watcher_fs_events", "File-system events seen", registry=r
+        )
+        self._rescans = Counter("filewatch_watcher_rescans", "Full rescans run", registry=r)
+        self._rescan_changes = Counter(
+            "filewatch_watcher_rescan_changes",
+            "Changes found by rescans (missed events)",
+            registry=r,
+        )
+        Gauge("filewatch_watcher_files", "Files in the watched folder", registry=r).set_function(
+            lambda: len(self.state.files)
+        )
+        Gauge("filewatch_watcher_queue_depth", "Changes not yet sent", registry=r).set_function(
+            lambda: self.state.pending
+        )
+        Gauge("filewatch_watcher_sequence", "Last batch sequence", registry=r).set_function(
+            lambda: self.state.sequence
+        )
+
+    def _on_fs(self, obs: Observation, observed_ns: int) -> None:
+        """Runs on the loop (handed over by the observer thread)."""
+        self._fs_events.inc()
+        changed = False
+        for name, st in obs:
+            changed |= self.state.observe(name, st, observed_ns)
+        if changed:
+            self._wake.set()
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz answers."""
+        client = self._client
+        return {
+            "status": "ok",
+            "instance": self.instance,
+            "folder": os.fsdecode(self.folder),
+            "files": len(self.state.files),
+            "seqno": self.state.sequence,
+            "stream": client.stream_state.value if client else "starting",
+        }
+
+    async def _scan(self) -> int:
+        """A full scan merged into the state; returns how many names it changed."""
+        self.state.begin_scan()
+        try:
+            scanned = await asyncio.to_thread(scan_folder, self.folder)
+        except OSError:
+            self.state.finish_scan(dict(self.state.files), time.time_ns())
+            raise
+        now = time.time_ns()
+        changed, touched = self.state.finish_scan(scanned, now)
+        if touched:  # events raced the scan: ask the file system again
+            fresh = await asyncio.to_thread(
+                lambda: [(n, stat_file(self.folder, n)) for n in touched]
+            )
+            self._on_fs(fresh, now)
+        if changed:
+            self._wake.set()
+        return changed
+
+    async def _rescan_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.rescan_interval
+        if interval <= 0:
+            await stop.wait()
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
+                return
+            self._rescans.inc()
+            try:
+                changed = await self._scan()
+            except OSError as err:
+                log.error("rescan_failed", error=str(err))
+                continue
+            if changed:
+                self._rescan_changes.inc(changed)
+                log.warning("rescan_repaired", changes=changed)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; then say goodbye and clean up."""
+        cfg = self.config
+        if not await asyncio.to_thread(os.path.isdir, self.folder):
+            raise WatcherError(f"folder {cfg.dir!r} does not exist or is not a folder")
+        loop = asyncio.get_running_loop()
+        from watcher.http_server import make_app  # noqa: PLC0415 (keeps start-up imports lean)
+
+        runner = web.AppRunner(
+            make_app(self.state, self.instance, self.registry, self.health),
+            handle_signals=False,
+            access_log=None,
+        )
+        await runner.setup()
+        observer = FolderObserver(self.folder, loop, self._on_fs)
+        try:
+            site = web.TCPSite(runner, cfg.http_host, cfg.port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as err:
+                raise WatcherError(f"cannot listen on {cfg.http_host}:{cfg.port}: {err}") from err
+            self.http_port = runner.addresses[-1][1]
+            host = socket.gethostname()
+            identity = Identity(
+                node=cfg.name or f"{host}:{self.http_port}",
+                epoch=self.instance,
+                folder=os.fsdecode(self.folder),
+                host=host,
+                http_port=self.http_port,
+            )
+            structlog.contextvars.bind_contextvars(node=identity.node, folder=identity.folder)
+            # The observer starts before the scan, so nothing created meanwhile is missed.
+            observer.start()
+            started = time.perf_counter()
+            await self._scan()
+            log.info(
+                "watcher_started",
+                files=len(self.state.files),
+                scan_seconds=round(time.perf_counter() - started, 3),
+                http=f"{cfg.http_host}:{self.http_port}",
+                aggregator=cfg.aggregator,
+                instance=self.instance,
+            )
+            self._client = SyncClient(
+                cfg.target,
+                identity,
+                self.state,
+                self._wake,
+                token=cfg.token,
+                heartbeat_interval=cfg.heartbeat_interval,
+                keepalive=cfg.keepalive,
+                max_batch=cfg.max_batch,
+                batch_delay=cfg.batch_delay,
+                chunk_bytes=cfg.chunk_bytes,
+                reconnect_min=cfg.reconnect_min,
+                reconnect_max=cfg.reconnect_max,
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._client.run(stop), name="sync-stream")
+                tg.create_task(self._rescan_loop(stop), name="rescan")
+        finally:
+            await observer.stop()
+            await runner.cleanup()
+            log.info("watcher_stopped")
+
+
+async def run(config: WatcherConfig) -> None:
+    """Run a watcher until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Watcher(config).run(stop)

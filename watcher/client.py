@@ -1,0 +1,280 @@
+"""The watcher's gRPC `Sync` stream: hello, snapshot or resume, batches, heartbeats.
+
+Reconnects with capped, jittered exponential backoff. After a reconnect it
+resumes from the aggregator's applied sequence when the aggregator still holds
+this epoch and the resend ring reaches back; otherwise it sends a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+
+from gen import filewatch_pb2 as pb
+from gen import filewatch_pb2_grpc as pb_grpc
+from watcher.state import Batch, FolderState, Op, chunked
+
+log = structlog.get_logger(__name__)
+
+_OPS = {Op.ADD: pb.OP_ADD, Op.REMOVE: pb.OP_REMOVE, Op.MODIFY: pb.OP_MODIFY}
+
+
+class StreamState(enum.Enum):
+    """Where the stream stands, for /healthz and metrics."""
+
+    CONNECTING = "connecting"
+    SYNCING = "syncing"
+    LIVE = "live"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+class SyncError(Exception):
+    """The aggregator ended or refused the stream."""
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
+        super().__init__(f"{code.name if code else 'PROTOCOL'}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this watcher is, as told in its hello."""
+
+    node: str
+    epoch: str
+    folder: str
+    host: str
+    http_port: int
+
+
+def batch_to_pb(batch: Batch) -> pb.WatcherMessage:
+    """A state batch as a proto message."""
+    changes = [
+        pb.Change(
+            op=_OPS[c.op],
+            file=pb.FileInfo(
+                name=c.name,
+                size=c.stat.size if c.stat else 0,
+                mtime_ns=c.stat.mtime_ns if c.stat else 0,
+            ),
+        )
+        for c in batch.changes
+    ]
+    return pb.WatcherMessage(
+        batch=pb.Batch(sequence=batch.sequence, changes=changes, observed_unix_ns=batch.observed_ns)
+    )
+
+
+class SyncClient:
+    """Keeps one Sync stream to the aggregator alive until `stop` is set.
+
+    Args:
+        state: the folder state (owned by the event loop; read and drained here).
+        wake: set whenever the state has new changes.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        identity: Identity,
+        state: FolderState,
+        wake: asyncio.Event,
+        *,
+        token: str = "",
+        heartbeat_interval: float = 2.0,
+        keepalive: float = 10.0,
+        max_batch: int = 1000,
+        batch_delay: float = 0.0,
+        chunk_bytes: int = 1024 * 1024,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self._target = target
+        self._id = identity
+        self._state = state
+        self._wake = wake
+        self._token = token
+        self._heartbeat = heartbeat_interval
+        self._keepalive = keepalive
+        self._max_batch = max_batch
+        self._batch_delay = batch_delay
+        self._chunk_bytes = chunk_bytes
+        self._reconnect_min = reconnect_min
+        self._reconnect_max = reconnect_max
+        self.stream_state = StreamState.CONNECTING
+        self.reconnects = 0
+        self.snapshots_sent = 0
+        self.batches_sent = 0
+        self.applied_sequence = 0
+        self._resync = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, sync, reconnect on failure; on `stop`, say goodbye and return."""
+        failures = 0
+        options = [
+            ("grpc.keepalive_time_ms", int(self._keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self._keepalive * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.enable_retries", 0),
+        ]
+        async with grpc.aio.insecure_channel(self._target, options=options) as channel:
+            stub = pb_grpc.WatcherSyncStub(channel)
+            while not stop.is_set():
+                self.stream_state = StreamState.CONNECTING
+                try:
+                    welcomed = await self._session(stub, stop)
+                    if stop.is_set():
+                        break
+                    failures = 0 if welcomed else failures + 1
+                    log.warning("stream_ended", target=self._target)
+                except (grpc.aio.AioRpcError, SyncError) as err:
+                    failures += 1
+                    code = err.code() if isinstance(err, grpc.aio.AioRpcError) else err.code
+                    details = (
+                        err.details() if isinstance(err, grpc.aio.AioRpcError) else err.details
+                    )
+                    log.warning(
+                        "stream_failed", target=self._target, code=str(code), details=details
+                    )
+                self.reconnects += 1
+                self.stream_state = StreamState.BACKOFF
+                delay = random.uniform(
+                    0, min(self._reconnect_max, self._reconnect_min * 2**failures)
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        self.stream_state = StreamState.STOPPED
+
+    async def _session(self, stub: pb_grpc.WatcherSyncStub, stop: asyncio.Event) -> bool:
+        metadata = (("authorization", f"Bearer {self._token}"),) if self._token else None
+        call = stub.Sync(metadata=metadata)
+        try:
+            return await self._converse(call, stop)
+        finally:
+            call.cancel()
+
+    async def _converse(self, call: grpc.aio.StreamStreamCall, stop: asyncio.Event) -> bool:
+        st = self._state
+        hello = pb.Hello(
+            node=self._id.node,
+            epoch=self._id.epoch,
+            folder=self._id.folder,
+            host=self._id.host,
+            http_port=self._id.http_port,
+            last_sequence=st.sequence,
+        )
+        await call.write(pb.WatcherMessage(hello=hello))
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
+            raise SyncError(await call.code(), await call.details() or "no welcome")
+        welcome = first.welcome
+        self.stream_state = StreamState.SYNCING
+        resend = st.batches_after(welcome.applied_sequence) if welcome.resume else None
+        if resend is None:
+            await self._send_snapshot(call)
+        else:
+            for batch in resend:
+                await call.write(batch_to_pb(batch))
+            log.info(
+                "stream_resumed", applied_sequence=welcome.applied_sequence, resent=len(resend)
+            )
+        self.stream_state = StreamState.LIVE
+        reader = asyncio.ensure_future(self._read_loop(call))
+        try:
+            await self._send_loop(call, stop, reader)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, SyncError):
+                await reader
+        return True
+
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                raise SyncError(await call.code(), await call.details() or "stream closed")
+            kind = msg.WhichOneof("kind")
+            if kind == "ack":
+                self.applied_sequence = msg.ack.applied_sequence
+            elif kind == "resync":
+                log.info("resync_requested", reason=msg.resync.reason)
+                self._resync = True
+                self._wake.set()
+
+    async def _send_loop(
+        self,
+        call: grpc.aio.StreamStreamCall,
+        stop: asyncio.Event,
+        reader: asyncio.Future[None],
+    ) -> None:
+        st = self._state
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                if stop.is_set():
+                    await call.write(pb.WatcherMessage(goodbye=pb.Goodbye()))
+                    await call.done_writing()
+                    # Let the aggregator apply the goodbye before the call is cancelled.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(call.code(), 2.0)
+                    return
+                if self._resync:
+                    self._resync = False
+                    await self._send_snapshot(call)
+                    continue
+                if st.pending:
+                    if self._batch_delay:
+                        await asyncio.sleep(self._batch_delay)
+                    batch = st.take_batch(self._max_batch)
+                    if batch is not None:
+                        await call.write(batch_to_pb(batch))
+                        self.batches_sent += 1
+                    continue
+                self._wake.clear()
+                waiter = asyncio.ensure_future(self._wake.wait())
+                waitables: set[asyncio.Future[Any]] = {waiter, stopper, reader}
+                done, _ = await asyncio.wait(
+                    waitables,
+                    timeout=self._heartbeat,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+                if reader in done:
+                    reader.result()  # raises why the stream ended
+                    return
+                if not done:
+                    await call.write(
+                        pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=st.sequence))
+                    )
+        finally:
+            stopper.cancel()
+
+    async def _send_snapshot(self, call: grpc.aio.StreamStreamCall) -> None:
+        files, sequence = self._state.snapshot()
+        started = time.perf_counter()
+        for part in chunked(files, self._chunk_bytes):
+            chunk = pb.SnapshotChunk(
+                files=[pb.FileInfo(name=n, size=s.size, mtime_ns=s.mtime_ns) for n, s in part]
+            )
+            await call.write(pb.WatcherMessage(snapshot_chunk=chunk))
+        await call.write(
+            pb.WatcherMessage(snapshot_end=pb.SnapshotEnd(sequence=sequence, count=len(files)))
+        )
+        self.snapshots_sent += 1
+        log.info(
+            "snapshot_sent",
+            files=len(files),
+            sequence=sequence,
+            seconds=round(time.perf_counter() - started, 3),
+        )

@@ -1,0 +1,146 @@
+"""The watcher's configuration: the original Go watcher's flags, plus long forms and env twins."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from common.flags import add_flag
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    """Everything `python -m watcher` can be told."""
+
+    dir: str = "."
+    """The folder to watch."""
+    port: int = 4000
+    """This watcher's HTTP port (GET /files, /healthz, /metrics); 0 picks a free one."""
+    aggregator: str = "grpc://127.0.0.1:50051"
+    """Where to report: grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy)."""
+    http_host: str = "127.0.0.1"
+    """Address this watcher's HTTP server binds."""
+    name: str = ""
+    """Watcher name shown by the aggregator; default HOSTNAME:PORT."""
+    token: str = ""
+    """Shared ingestion token, if the aggregator requires one."""
+    rescan_interval: float = 30.0
+    """Seconds between full rescans that repair missed events (jittered); 0: never."""
+    heartbeat_interval: float = 2.0
+    """Seconds of idleness before a heartbeat goes out."""
+    keepalive: float = 10.0
+    """Seconds between gRPC keepalive pings."""
+    max_batch: int = 1000
+    """Most changes in one batch."""
+    batch_delay: float = 0.0
+    """Seconds to wait for more changes before sending a batch (0: send at once)."""
+    resend_buffer: int = 1024
+    """Recent batches kept to resume a broken stream without a full snapshot."""
+    chunk_bytes: int = 1024 * 1024
+    """Approximate size of one snapshot chunk."""
+    reconnect_min: float = 0.1
+    """First reconnect delay; doubles per failure (with full jitter)."""
+    reconnect_max: float = 5.0
+    """Cap of the reconnect delay."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    log_format: str = "auto"
+    """kv, json, or auto (json when not on a terminal)."""
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.aggregator).scheme
+        if scheme not in ("grpc", "http"):
+            raise ValueError(
+                f"-aggregator must be grpc://HOST:PORT or http://HOST:PORT, got {self.aggregator!r}"
+            )
+        if not urlsplit(self.aggregator).hostname or urlsplit(self.aggregator).port is None:
+            raise ValueError(f"-aggregator needs a host and a port, got {self.aggregator!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"-p must be a port number, got {self.port}")
+        if self.rescan_interval < 0 or self.batch_delay < 0:
+            raise ValueError("intervals must not be negative")
+        if (
+            min(self.heartbeat_interval, self.keepalive, self.reconnect_min, self.reconnect_max)
+            <= 0
+        ):
+            raise ValueError("heartbeat, keepalive and reconnect delays must be positive")
+        if self.max_batch <= 0 or self.resend_buffer <= 0 or self.chunk_bytes <= 0:
+            raise ValueError("sizes must be positive")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"unknown --log-level {self.log_level!r}")
+        if self.log_format not in ("kv", "json", "auto"):
+            raise ValueError(f"unknown --log-format {self.log_format!r}")
+
+    @property
+    def protocol(self) -> str:
+        """ "grpc" or "http", from the scheme of -aggregator."""
+        return urlsplit(self.aggregator).scheme
+
+    @property
+    def target(self) -> str:
+        """HOST:PORT of the aggregator."""
+        return urlsplit(self.aggregator).netloc
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The command line: `-dir=PATH -p=PORT -aggregator=URL` as the Go watcher, and long forms."""
+    d = WatcherConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m watcher",
+        description="filewatch watcher: watches one folder and reports it to the aggregator.",
+        allow_abbrev=False,
+    )
+    add_flag(p, env, "-dir", "--dir", help="folder to watch", default=d.dir)
+    add_flag(p, env, "-p", "--port", help="this watcher's HTTP port", default=d.port, type=int)
+    add_flag(
+        p, env, "-aggregator", "--aggregator",
+        help="grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy protocol)",
+        default=d.aggregator,
+    )  # fmt: skip
+    add_flag(
+        p, env, "--http-host", help="address this watcher's HTTP server binds", default=d.http_host
+    )
+    add_flag(p, env, "--name", help="watcher name (default HOSTNAME:PORT)", default=d.name)
+    add_flag(p, env, "--token", help="shared ingestion token", default=d.token)
+    add_flag(
+        p, env, "--rescan-interval", help="seconds between repair rescans, 0 = never",
+        default=d.rescan_interval, type=float,
+    )  # fmt: skip
+    add_flag(
+        p, env, "--heartbeat-interval", help="idle seconds before a heartbeat",
+        default=d.heartbeat_interval, type=float,
+    )  # fmt: skip
+    add_flag(
+        p,
+        env,
+        "--keepalive",
+        help="seconds between gRPC keepalive pings",
+        default=d.keepalive,
+        type=float,
+    )
+    add_flag(p, env, "--max-batch", help="most changes per batch", default=d.max_batch, type=int)
+    add_flag(
+        p, env, "--batch-delay", help="seconds to gather changes before a batch",
+        default=d.batch_delay, type=float,
+    )  # fmt: skip
+    add_flag(
+        p, env, "--resend-buffer", help="batches kept for resume", default=d.resend_buffer, type=int
+    )
+    add_flag(p, env, "--chunk-bytes", help="snapshot chunk size", default=d.chunk_bytes, type=int)
+    add_flag(
+        p, env, "--reconnect-min", help="first reconnect delay", default=d.reconnect_min, type=float
+    )
+    add_flag(
+        p, env, "--reconnect-max", help="reconnect delay cap", default=d.reconnect_max, type=float
+    )
+    add_flag(p, env, "--log-level", help="debug|info|warning|error", default=d.log_level)
+    add_flag(p, env, "--log-format", help="kv|json|auto", default=d.log_format)
+    return p
+
+
+def from_args(argv: Sequence[str], env: Mapping[str, str]) -> WatcherConfig:
+    """Build the config from a command line and an environment (both injected)."""
+    ns = build_parser(env).parse_args(list(argv))
+    return WatcherConfig(**vars(ns))

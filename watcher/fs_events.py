@@ -1,0 +1,78 @@
+"""The bridge from watchdog's observer thread to the event loop.
+
+The only module that imports watchdog. The observer thread stats each name an
+event touches (so no file-system call runs on the event loop) and hands
+`(name, stat or None)` pairs to the loop with `call_soon_threadsafe`. Whatever
+the event type, the current state of the name is what counts: a late or
+duplicated event can only confirm the truth, never invent a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from watcher.scanner import FileStat, stat_file
+
+Observation = list[tuple[bytes, FileStat | None]]
+Sink = Callable[[Observation, int], None]
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, folder: bytes, loop: asyncio.AbstractEventLoop, sink: Sink) -> None:
+        self._folder = folder
+        self._loop = loop
+        self._sink = sink
+
+    def _name(self, path: str | bytes) -> bytes | None:
+        raw = os.fsencode(path)
+        parent, name = os.path.split(raw)
+        if parent != self._folder or not name:
+            return None  # the folder itself, or something deeper
+        return name
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        observed = time.time_ns()
+        names = [self._name(event.src_path)]
+        if event.dest_path:
+            names.append(self._name(event.dest_path))
+        # A rename is one observation: both names reach the loop together.
+        obs = [(n, stat_file(self._folder, n)) for n in names if n is not None]
+        if obs:
+            self._loop.call_soon_threadsafe(self._sink, obs, observed)
+
+
+class FolderObserver:
+    """A watchdog observer on one folder, non-recursive."""
+
+    def __init__(self, folder: bytes, loop: asyncio.AbstractEventLoop, sink: Sink) -> None:
+        self._folder = os.path.abspath(folder)
+        self._handler = _Handler(self._folder, loop, sink)
+        self._observer: BaseObserver | None = None
+
+    def start(self) -> None:
+        """Start watching (raises OSError if the folder cannot be watched)."""
+        observer = Observer()
+        observer.schedule(self._handler, os.fsdecode(self._folder), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def is_alive(self) -> bool:
+        """Whether the observer thread is running."""
+        return self._observer is not None and self._observer.is_alive()
+
+    async def stop(self) -> None:
+        """Stop the observer and join its thread off the event loop."""
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5.0)

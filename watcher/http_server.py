@@ -1,0 +1,63 @@
+"""The watcher's own HTTP side: `GET /files` in the Go watcher's shape, `/healthz`, `/metrics`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from watcher.state import FolderState
+
+STATE: web.AppKey[FolderState] = web.AppKey("state", FolderState)
+INSTANCE: web.AppKey[str] = web.AppKey("instance", str)
+REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+HEALTH: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("health")
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")  # what the Go watcher sends: U+FFFD for bad bytes
+
+
+async def get_files(request: web.Request) -> web.Response:
+    """GET /files: {"instance":..., "files":[{"filename":...}], "seqno":N}."""
+    state = request.app[STATE]
+    # Read in one step of the loop: the list includes every change up to seqno.
+    payload = {
+        "instance": request.app[INSTANCE],
+        "files": [{"filename": _name(n)} for n in state.files],
+        "seqno": state.sequence,
+    }
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    """GET /healthz: alive, with the stream's state."""
+    return web.Response(body=orjson.dumps(request.app[HEALTH]()), content_type="application/json")
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(
+    state: FolderState,
+    instance: str,
+    registry: CollectorRegistry,
+    health: Callable[[], dict[str, Any]],
+) -> web.Application:
+    """The aiohttp application of a watcher."""
+    app = web.Application()
+    app[STATE] = state
+    app[INSTANCE] = instance
+    app[REGISTRY] = registry
+    app[HEALTH] = health
+    app.router.add_get("/files", get_files)
+    app.router.add_get("/files/", get_files)
+    app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/metrics", get_metrics)
+    return app
