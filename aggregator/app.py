@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 
+import aiohttp
 import grpc
 import structlog
 from aiohttp import web
@@ -17,6 +18,8 @@ from aggregator.config import AggregatorConfig, parse_hostport
 from aggregator.grpc_service import FileIndexService, SyncService
 from aggregator.http_gateway import make_app
 from aggregator.index import Index
+from aggregator.legacy import LegacyIngest
+from aggregator.legacy_http import LegacyGuard, ListFetcher
 from aggregator.liveness import Liveness
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
@@ -57,6 +60,9 @@ class Aggregator:
             max_watchers=config.max_watchers,
             hello_timeout=config.hello_timeout,
         )
+        self._session: aiohttp.ClientSession | None = None
+        self.legacy: LegacyIngest | None = None
+        self._legacy_ticker: asyncio.Task[None] | None = None
         self.http_ports: list[int] = []
         self.grpc_port = 0
         self._health = health.aio.HealthServicer()
@@ -93,9 +99,28 @@ class Aggregator:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-        self._runner = web.AppRunner(
-            make_app(self.store, self.metrics), handle_signals=False, access_log=None
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, force_close=True), auto_decompress=True
         )
+        fetcher = ListFetcher(self._session, cfg.fetch_timeout, cfg.max_list_bytes, self.metrics)
+        self.legacy = LegacyIngest(
+            self.store,
+            self.liveness,
+            fetcher,
+            max_watchers=cfg.max_watchers,
+            gap_wait=cfg.gap_wait,
+        )
+        self._legacy_ticker = asyncio.create_task(
+            self.legacy.run(min(0.1, cfg.gap_wait / 2)), name="legacy-ticker"
+        )
+        guard = LegacyGuard(cfg.token, cfg.legacy_networks)
+        app = make_app(
+            self.store,
+            self.metrics,
+            legacy=(self.legacy, guard),
+            client_max_size=cfg.max_body_bytes,
+        )
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         for address in cfg.http:
             host, port = parse_hostport(address)
@@ -121,6 +146,8 @@ class Aggregator:
             await asyncio.sleep(period)
             for node in self.liveness.expired(time.monotonic()):
                 removed = self.store.remove_watcher(node)
+                if self.legacy is not None:
+                    self.legacy.expired(node)
                 log.info("watcher_expired", node=node, files_removed=removed)
 
     async def stop(self) -> None:
@@ -132,14 +159,19 @@ class Aggregator:
         await self._health.enter_graceful_shutdown()
         self.sync.shutdown()
         self.store.close_readers("aggregator shutting down")
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._legacy_ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.legacy is not None:
+            await self.legacy.close()
         if self._server is not None:
             await self._server.stop(self.config.grace)
         if self._runner is not None:
             await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.grace + 1)
+        if self._session is not None:
+            await self._session.close()
         log.info("aggregator_stopped")
 
 

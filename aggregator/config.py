@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,16 @@ class AggregatorConfig:
     """Seconds between gRPC keepalive pings; a peer silent for 2x this is dropped."""
     grace: float = 5.0
     """Seconds of graceful shutdown before open calls are cancelled."""
+    legacy_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    """Networks whose legacy (Go watcher) requests are accepted without a token."""
+    fetch_timeout: float = 5.0
+    """Seconds to fetch a legacy watcher's list."""
+    gap_wait: float = 1.0
+    """Seconds to wait for a missing legacy seqno before refetching the list."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest legacy request body accepted (413 beyond)."""
+    max_list_bytes: int = 256 * 1024 * 1024
+    """Largest legacy watcher list fetched."""
 
     def __post_init__(self) -> None:
         for address in (*self.http, self.grpc):
@@ -74,6 +85,12 @@ class AggregatorConfig:
             raise ValueError("queue sizes and timeouts must be positive")
         if self.grace < 0:
             raise ValueError("--grace must not be negative")
+        for net in self.legacy_networks:
+            ipaddress.ip_network(net, strict=False)  # raises ValueError
+        if min(self.fetch_timeout, self.gap_wait) <= 0:
+            raise ValueError("--fetch-timeout and --gap-wait must be positive")
+        if min(self.max_body_bytes, self.max_list_bytes) <= 0:
+            raise ValueError("--max-body-bytes and --max-list-bytes must be positive")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -131,6 +148,35 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt("--keepalive", help="seconds between gRPC keepalive pings", default=d.keepalive, type=float)
     opt("--grace", help="seconds of graceful shutdown", default=d.grace, type=float)
+    opt(
+        "--legacy-networks",
+        help="comma-separated networks whose legacy requests need no token",
+        default=",".join(d.legacy_networks),
+    )
+    opt(
+        "--fetch-timeout",
+        help="seconds to fetch a legacy list",
+        default=d.fetch_timeout,
+        type=float,
+    )
+    opt(
+        "--gap-wait",
+        help="seconds to wait for a missing legacy seqno",
+        default=d.gap_wait,
+        type=float,
+    )
+    opt(
+        "--max-body-bytes",
+        help="largest legacy request body",
+        default=d.max_body_bytes,
+        type=int,
+    )
+    opt(
+        "--max-list-bytes",
+        help="largest legacy watcher list fetched",
+        default=d.max_list_bytes,
+        type=int,
+    )
     return p
 
 
@@ -158,4 +204,9 @@ def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
         hello_timeout=ns.hello_timeout,
         keepalive=ns.keepalive,
         grace=ns.grace,
+        legacy_networks=tuple(n.strip() for n in ns.legacy_networks.split(",") if n.strip()),
+        fetch_timeout=ns.fetch_timeout,
+        gap_wait=ns.gap_wait,
+        max_body_bytes=ns.max_body_bytes,
+        max_list_bytes=ns.max_list_bytes,
     )

@@ -20,8 +20,15 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from aggregator.errors import AggregatorError, InvalidInputError, LimitExceededError
+from aggregator.errors import (
+    AggregatorError,
+    InvalidInputError,
+    LimitExceededError,
+    UnauthenticatedError,
+)
 from aggregator.index import Entry, Index
+from aggregator.legacy import LegacyIngest
+from aggregator.legacy_http import LegacyGuard, add_routes
 from aggregator.names import rfc3339
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
@@ -59,6 +66,11 @@ def encode_files(index: Index, detail: bool) -> bytes:
 
 
 def _detail_entry(e: Entry) -> bytes:
+    if not e.mtime_ns:  # legacy watchers report no size or time
+        return b'{"filename":%b,"node":%b,"size":null,"modified":null}' % (
+            json_string(e.filename),
+            json_string(e.node),
+        )
     return b'{"filename":%b,"node":%b,"size":%d,"modified":"%b"}' % (
         json_string(e.filename),
         json_string(e.node),
@@ -114,6 +126,7 @@ def problem(status: int, title: str, detail: str, instance: str) -> web.Response
 _ERROR_STATUS: dict[type[AggregatorError], int] = {
     InvalidInputError: 400,
     LimitExceededError: 429,
+    UnauthenticatedError: 401,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -131,6 +144,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status == 413:
+            metrics.rejected.labels(route_name, "body_too_large").inc()
+        log.warning("http_error", path=request.path, method=request.method, status=exc.status)
         response = problem(exc.status, exc.reason, exc.text or exc.reason, request.path)
     except AggregatorError as err:
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(err, cls)), 400)
@@ -177,8 +193,14 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(store: Store, metrics: Metrics, *, client_max_size: int = 1024**2) -> web.Application:
-    """The aiohttp application of the aggregator."""
+def make_app(
+    store: Store,
+    metrics: Metrics,
+    *,
+    legacy: tuple[LegacyIngest, LegacyGuard] | None = None,
+    client_max_size: int = 1024**2,
+) -> web.Application:
+    """The aiohttp application of the aggregator, with the legacy endpoints if given."""
     app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
     app[STORE] = store
     app[METRICS] = metrics
@@ -188,4 +210,6 @@ def make_app(store: Store, metrics: Metrics, *, client_max_size: int = 1024**2) 
     app.router.add_get("/files", get_files)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/metrics", get_metrics)
+    if legacy is not None:
+        add_routes(app, *legacy)
     return app

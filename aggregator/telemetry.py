@@ -44,6 +44,10 @@ class Metrics:
         self.errors = Counter(
             "filewatch_ingestion_errors", "Ingestion errors, by kind", ["kind"], registry=r
         )
+        self.rejected = Counter(
+            "filewatch_rejected_inputs", "Bad inputs refused, by endpoint and problem",
+            ["endpoint", "problem"], registry=r,
+        )  # fmt: skip
         self.duplicates = Counter(
             "filewatch_duplicate_batches", "Batches ignored as already applied", registry=r
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -50,11 +51,13 @@ def _pid(name: str) -> int | None:
 
 
 def _healthy(url: str) -> bool:
+    """The process answers /healthz, and a watcher's stream to the aggregator is live."""
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (our own loopback URL)
-            return bool(resp.status == 200)
-    except OSError:
+            body = json.loads(resp.read())
+    except (OSError, ValueError):
         return False
+    return bool(body.get("status") == "ok" and body.get("stream", "live") == "live")
 
 
 def _spawn(name: str, args: list[str]) -> None:

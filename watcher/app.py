@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from watcher.client import Identity, SyncClient
 from watcher.config import WatcherConfig
 from watcher.fs_events import FolderObserver, Observation
+from watcher.legacy_client import LegacyClient
 from watcher.scanner import scan_folder, stat_file
 from watcher.state import FolderState
 
@@ -40,7 +41,7 @@ class Watcher:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.http_port = 0
         self._wake = asyncio.Event()
-        self._client: SyncClient | None = None
+        self._client: SyncClient | LegacyClient | None = None
         r = self.registry
         self._fs_events = Counter(
             "filewatch_watcher_fs_events", "File-system events seen", registry=r
@@ -155,6 +156,8 @@ class Watcher:
             observer.start()
             started = time.perf_counter()
             await self._scan()
+            # The legacy protocol numbers the initial scan 1; ours starts at 0.
+            self.state.baseline(1 if cfg.protocol == "http" else 0)
             log.info(
                 "watcher_started",
                 files=len(self.state.files),
@@ -163,27 +166,44 @@ class Watcher:
                 aggregator=cfg.aggregator,
                 instance=self.instance,
             )
-            self._client = SyncClient(
-                cfg.target,
-                identity,
-                self.state,
-                self._wake,
-                token=cfg.token,
-                heartbeat_interval=cfg.heartbeat_interval,
-                keepalive=cfg.keepalive,
-                max_batch=cfg.max_batch,
-                batch_delay=cfg.batch_delay,
-                chunk_bytes=cfg.chunk_bytes,
-                reconnect_min=cfg.reconnect_min,
-                reconnect_max=cfg.reconnect_max,
-            )
+            self._client = self._make_client(identity)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._client.run(stop), name="sync-stream")
+                tg.create_task(self._client.run(stop), name="aggregator-client")
                 tg.create_task(self._rescan_loop(stop), name="rescan")
         finally:
             await observer.stop()
             await runner.cleanup()
             log.info("watcher_stopped")
+
+    def _make_client(self, identity: Identity) -> SyncClient | LegacyClient:
+        cfg = self.config
+        if cfg.protocol == "http":
+            return LegacyClient(
+                cfg.aggregator,
+                self.instance,
+                self.http_port,
+                self.state,
+                self._wake,
+                token=cfg.token,
+                hello_interval=cfg.hello_interval,
+                max_batch=cfg.max_batch,
+                reconnect_min=cfg.reconnect_min,
+                reconnect_max=cfg.reconnect_max,
+            )
+        return SyncClient(
+            cfg.target,
+            identity,
+            self.state,
+            self._wake,
+            token=cfg.token,
+            heartbeat_interval=cfg.heartbeat_interval,
+            keepalive=cfg.keepalive,
+            max_batch=cfg.max_batch,
+            batch_delay=cfg.batch_delay,
+            chunk_bytes=cfg.chunk_bytes,
+            reconnect_min=cfg.reconnect_min,
+            reconnect_max=cfg.reconnect_max,
+        )
 
 
 async def run(config: WatcherConfig) -> None:

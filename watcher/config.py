@@ -28,6 +28,8 @@ class WatcherConfig:
     """Shared ingestion token, if the aggregator requires one."""
     rescan_interval: float = 30.0
     """Seconds between full rescans that repair missed events (jittered); 0: never."""
+    hello_interval: float = 5.0
+    """Seconds between legacy hellos (http:// aggregators)."""
     heartbeat_interval: float = 2.0
     """Seconds of idleness before a heartbeat goes out."""
     keepalive: float = 10.0
@@ -107,6 +109,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add_flag(
         p, env, "--rescan-interval", help="seconds between repair rescans, 0 = never",
         default=d.rescan_interval, type=float,
+    )  # fmt: skip
+    add_flag(
+        p, env, "--hello-interval", help="seconds between legacy hellos",
+        default=d.hello_interval, type=float,
     )  # fmt: skip
     add_flag(
         p, env, "--heartbeat-interval", help="idle seconds before a heartbeat",

@@ -105,10 +105,23 @@ class FolderState:
                 changed += self.observe(name, st, observed_ns)
         return changed, touched
 
+    def baseline(self, sequence: int) -> None:
+        """Make the current files the starting point: nothing pending, at `sequence`.
+
+        Called once after the initial scan (the Go watcher's seqno is 1 there).
+        """
+        self._dirty.clear()
+        self._first_observed_ns = None
+        self.sequence = sequence
+
     # ------------------------------------------------------------ sending
 
-    def take_batch(self, max_changes: int) -> Batch | None:
-        """The next batch of net changes (at most `max_changes`), or None."""
+    def take_batch(self, max_changes: int, *, modify: bool = True) -> Batch | None:
+        """The next batch of net changes (at most `max_changes`), or None.
+
+        With `modify=False` (the legacy protocol, which has no such op),
+        content changes are dropped instead of sent.
+        """
         changes: list[Change] = []
         while self._dirty and len(changes) < max_changes:
             name = next(iter(self._dirty))
@@ -120,7 +133,7 @@ class FolderState:
                 changes.append(Change(Op.REMOVE, name, None))
             elif before is None:
                 changes.append(Change(Op.ADD, name, now))
-            else:
+            elif modify:
                 changes.append(Change(Op.MODIFY, name, now))
         observed = self._first_observed_ns or 0
         if not self._dirty:

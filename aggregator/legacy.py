@@ -1,0 +1,344 @@
+"""The legacy (Go watcher) ingestion protocol: hello, bye, PATCH /files, and list fetches.
+
+The Go watcher numbers each change (`seqno`, +1 per change, 1 after its initial
+scan), sends them as PATCHes it never retries, and says hello every 5 s. On the
+first hello of an instance we fetch its list (a lower bound at its seqno),
+install it as that instance's snapshot, then apply the PATCHes buffered
+meanwhile, in seqno order. A missing seqno that does not arrive within a short
+wait triggers a refetch. Fetches happen off the request path, only when needed
+(first hello, a gap, a lost instance), never on a timer: the Go watcher's list
+handler races with its file events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from aggregator.errors import InvalidInputError, LimitExceededError
+from aggregator.index import BatchStatus, Change, FileMeta, Op
+from aggregator.liveness import Liveness
+from aggregator.names import invalid_name_reason
+from aggregator.store import Store
+
+log = structlog.get_logger(__name__)
+
+PROTOCOL = "legacy"
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyOp:
+    """One operation of a PATCH body, validated."""
+
+    instance: str
+    op: Op
+    name: bytes
+    seqno: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyList:
+    """A watcher's answer to `GET /files`, validated."""
+
+    instance: str
+    names: tuple[bytes, ...]
+    seqno: int
+
+
+# Fetches a watcher's list from (host, port); raises on any failure.
+Fetcher = Callable[[str, int], Awaitable[LegacyList]]
+
+
+@dataclass(slots=True)
+class _Instance:
+    instance: str
+    node: str
+    host: str
+    port: int
+    applied: int = 0
+    synced: bool = False
+    fetching: bool = False
+    needs_fetch: bool = True
+    buffered: dict[int, list[tuple[LegacyOp, int]]] = field(default_factory=dict)
+    gap_since: float | None = None
+
+
+@dataclass(slots=True)
+class _Held:
+    """PATCH operations of an instance whose hello has not come yet."""
+
+    first_seen: float
+    ops: list[tuple[LegacyOp, int]] = field(default_factory=list)
+
+
+def node_name(host: str, port: int) -> str:
+    """The readable watcher name of a legacy instance: its address and port."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def decode_filename(name: str) -> bytes:
+    """A legacy filename as raw bytes (U+DC80..U+DCFF escapes map back to bytes)."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError("filename contains a lone surrogate") from exc
+    reason = invalid_name_reason(raw)
+    if reason:
+        raise InvalidInputError(reason)
+    return raw
+
+
+class LegacyIngest:
+    """All legacy instances, their buffers, fetches and timers.
+
+    Args:
+        fetcher: gets a watcher's list; injected so that transport stays out.
+        gap_wait: seconds to wait for a missing seqno before refetching.
+        max_held_instances: unknown instances whose PATCHes are held at once.
+        max_buffered: operations buffered per instance before a refetch is forced.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        liveness: Liveness,
+        fetcher: Fetcher,
+        *,
+        max_watchers: int = 10_000,
+        gap_wait: float = 1.0,
+        max_held_instances: int = 1000,
+        max_buffered: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._liveness = liveness
+        self._fetcher = fetcher
+        self._max_watchers = max_watchers
+        self._gap_wait = gap_wait
+        self._max_held = max_held_instances
+        self._max_buffered = max_buffered
+        self._clock = clock
+        self._instances: dict[str, _Instance] = {}
+        self._by_node: dict[str, str] = {}
+        self._held: dict[str, _Held] = {}
+        self._gone: dict[str, float] = {}  # bye'd or superseded instance -> forget at
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ requests
+
+    def hello(self, instance: str, host: str, port: int) -> None:
+        """POST /hello from `host` (the peer address, never the body)."""
+        now = self._clock()
+        if instance in self._gone:
+            return
+        rec = self._instances.get(instance)
+        if rec is None:
+            node = node_name(host, port)
+            index = self._store.index
+            if index.watcher(node) is None and index.watcher_count >= self._max_watchers:
+                raise LimitExceededError(f"at most {self._max_watchers} watchers")
+            previous = self._by_node.get(node)
+            if previous is not None:
+                # A restarted watcher on the same address: the old instance is gone;
+                # its files stay visible until the new list is swapped in.
+                self._drop(previous, now)
+            rec = _Instance(instance, node, host, port)
+            self._instances[instance] = rec
+            self._by_node[node] = instance
+            held = self._held.pop(instance, None)
+            if held is not None:
+                for op, arrived in held.ops:
+                    rec.buffered.setdefault(op.seqno, []).append((op, arrived))
+            log.info("legacy_hello_new", node=node, instance=instance)
+        self._liveness.seen(rec.node, PROTOCOL, now)
+        self._update_gauge()
+        if rec.needs_fetch and not rec.fetching:
+            self._start_fetch(rec, "new_instance" if not rec.synced else "refetch")
+
+    def bye(self, instance: str) -> int:
+        """POST /bye: the instance's files go at once; it stays gone."""
+        now = self._clock()
+        self._held.pop(instance, None)
+        rec = self._instances.get(instance)
+        if rec is None:
+            self._gone[instance] = now + self._liveness.ttl
+            return 0
+        self._drop(instance, now)
+        removed = self._store.remove_watcher(rec.node)
+        self._liveness.forget(rec.node)
+        self._update_gauge()
+        log.info("legacy_bye", node=rec.node, instance=instance, files_removed=removed)
+        return removed
+
+    def patch(self, ops: list[LegacyOp]) -> None:
+        """PATCH /files: apply in seqno order, buffer what cannot be applied yet."""
+        now = self._clock()
+        arrived = time.time_ns()
+        touched: set[str] = set()
+        for op in ops:
+            if op.instance in self._gone:
+                continue
+            rec = self._instances.get(op.instance)
+            if rec is None:
+                self._hold(op, arrived, now)
+                continue
+            if rec.synced and op.seqno <= rec.applied:
+                self._store.metrics.duplicates.inc()
+                continue
+            rec.buffered.setdefault(op.seqno, []).append((op, arrived))
+            touched.add(op.instance)
+        for instance in touched:
+            rec = self._instances[instance]
+            if sum(len(v) for v in rec.buffered.values()) > self._max_buffered:
+                rec.buffered.clear()
+                self._start_fetch(rec, "buffer_full")
+            elif rec.synced and not rec.fetching:
+                self._drain(rec, now)
+
+    def _hold(self, op: LegacyOp, arrived: int, now: float) -> None:
+        held = self._held.get(op.instance)
+        if held is None:
+            if len(self._held) >= self._max_held:
+                self._store.metrics.errors.labels("held_instances_full").inc()
+                return
+            held = self._held[op.instance] = _Held(now)
+        if len(held.ops) < self._max_buffered:
+            held.ops.append((op, arrived))
+
+    # ------------------------------------------------------------ applying
+
+    def _drain(self, rec: _Instance, now: float) -> None:
+        """Apply buffered operations that follow the applied seqno, in order."""
+        for seqno in [s for s in rec.buffered if s <= rec.applied]:
+            del rec.buffered[seqno]
+        before = rec.applied
+        while rec.applied + 1 in rec.buffered:
+            seqno = rec.applied + 1
+            entries = rec.buffered.pop(seqno)
+            changes = [Change(op.op, op.name, FileMeta()) for op, _ in entries]
+            result = self._store.apply_batch(
+                rec.node,
+                rec.instance,
+                seqno,
+                changes,
+                protocol=PROTOCOL,
+                observed_ns=min(arrived for _, arrived in entries),
+            )
+            if result.status is not BatchStatus.APPLIED:  # the index lost it: refetch
+                rec.buffered.clear()
+                self._start_fetch(rec, "lost")
+                return
+            rec.applied = seqno
+        if not rec.buffered:
+            rec.gap_since = None
+        elif rec.gap_since is None or rec.applied != before:
+            rec.gap_since = now  # a (new) missing seqno: wait for it from now
+
+    # ------------------------------------------------------------ fetching
+
+    def _start_fetch(self, rec: _Instance, reason: str) -> None:
+        if rec.fetching:
+            return
+        rec.fetching = True
+        rec.needs_fetch = False
+        task = asyncio.get_running_loop().create_task(
+            self._fetch(rec, reason), name=f"fetch {rec.node}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, rec: _Instance, reason: str) -> None:
+        started = time.perf_counter()
+        try:
+            listing = await self._fetcher(rec.host, rec.port)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # any failure: retried at the next hello
+            rec.fetching = False
+            rec.needs_fetch = True
+            self._store.metrics.errors.labels("legacy_fetch_failed").inc()
+            log.warning("legacy_fetch_failed", node=rec.node, error=str(err) or type(err).__name__)
+            return
+        rec.fetching = False
+        if self._instances.get(rec.instance) is not rec:
+            return  # bye'd or replaced while we fetched
+        if listing.instance != rec.instance:
+            rec.needs_fetch = True
+            self._store.metrics.errors.labels("legacy_instance_mismatch").inc()
+            log.warning("legacy_instance_mismatch", node=rec.node, listed=listing.instance)
+            return
+        index = self._store.index
+        index.begin_snapshot(rec.node, rec.instance)
+        index.extend_snapshot(rec.node, ((name, FileMeta()) for name in listing.names))
+        events = self._store.commit_snapshot(rec.node, listing.seqno, reason)
+        if reason != "new_instance":
+            self._store.metrics.resyncs.labels(reason).inc()
+        rec.applied = listing.seqno
+        rec.synced = True
+        rec.gap_since = None
+        self._drain(rec, self._clock())
+        log.info(
+            "legacy_snapshot_installed",
+            node=rec.node,
+            reason=reason,
+            files=len(listing.names),
+            changed=len(events),
+            seqno=listing.seqno,
+            applied=rec.applied,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
+    # ------------------------------------------------------------ timers
+
+    def tick(self) -> None:
+        """Periodic upkeep: refetch after a gap, forget old holds and byes."""
+        now = self._clock()
+        for rec in list(self._instances.values()):
+            waiting = rec.gap_since is not None and now - rec.gap_since >= self._gap_wait
+            if rec.synced and not rec.fetching and waiting:
+                log.info(
+                    "legacy_gap", node=rec.node, applied=rec.applied, buffered=len(rec.buffered)
+                )
+                self._start_fetch(rec, "gap")
+        ttl = self._liveness.ttl
+        for instance in [i for i, h in self._held.items() if now - h.first_seen > ttl]:
+            del self._held[instance]
+            self._store.metrics.errors.labels("held_expired").inc()
+        for instance in [i for i, t in self._gone.items() if t <= now]:
+            del self._gone[instance]
+
+    def expired(self, node: str) -> None:
+        """The reaper removed `node` (no hello for the TTL): forget its instance."""
+        instance = self._by_node.get(node)
+        if instance is not None:
+            self._drop(instance, self._clock())
+            self._update_gauge()
+
+    def _drop(self, instance: str, now: float) -> None:
+        rec = self._instances.pop(instance, None)
+        if rec is not None and self._by_node.get(rec.node) == instance:
+            del self._by_node[rec.node]
+        self._gone[instance] = now + self._liveness.ttl
+
+    def _update_gauge(self) -> None:
+        self._store.metrics.watchers.labels(PROTOCOL).set(len(self._instances))
+
+    async def run(self, period: float = 0.1) -> None:
+        """Run `tick` until cancelled."""
+        while True:
+            await asyncio.sleep(period)
+            self.tick()
+
+    async def close(self) -> None:
+        """Cancel fetches in flight and wait for them."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

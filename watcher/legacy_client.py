@@ -1,0 +1,161 @@
+"""The legacy protocol from the watcher's side: hello, PATCH /files, bye (SPEC 5).
+
+Byte for byte what the Go watcher sends, minus its faults: the first hello goes
+out at once, bye is said on SIGINT too, and a failed request is retried with
+backoff instead of being lost. Each change gets its own seqno (+1 per change),
+the same counter `GET /files` reports, so the aggregator's snapshot and our
+PATCHes line up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from watcher.client import StreamState
+from watcher.state import FolderState, Op
+
+log = structlog.get_logger(__name__)
+
+_LEGACY_OPS = {Op.ADD: "add", Op.REMOVE: "remove"}
+
+
+class RejectedError(Exception):
+    """The aggregator refused a request as malformed (4xx): retrying will not help."""
+
+
+class LegacyClient:
+    """Reports the folder to a legacy aggregator until `stop` is set."""
+
+    def __init__(
+        self,
+        base_url: str,
+        instance: str,
+        http_port: int,
+        state: FolderState,
+        wake: asyncio.Event,
+        *,
+        token: str = "",
+        hello_interval: float = 5.0,
+        request_timeout: float = 5.0,
+        max_batch: int = 1000,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self._base = base_url.rstrip("/") + "/"
+        self._instance = instance
+        self._port = http_port
+        self._state = state
+        self._wake = wake
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._hello_interval = hello_interval
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._max_batch = max_batch
+        self._reconnect_min = reconnect_min
+        self._reconnect_max = reconnect_max
+        self.stream_state = StreamState.CONNECTING
+        self.reconnects = 0
+        self.batches_sent = 0
+
+    async def _post(
+        self, session: aiohttp.ClientSession, method: str, path: str, body: Any
+    ) -> None:
+        data = orjson.dumps(body)
+        async with session.request(
+            method, self._base + path, data=data, headers=self._headers, allow_redirects=False
+        ) as resp:
+            if resp.status == 200:
+                return
+            text = (await resp.text())[:300]
+            if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                raise RejectedError(f"{method} /{path} answered {resp.status}: {text}")
+            raise aiohttp.ClientResponseError(
+                resp.request_info, resp.history, status=resp.status, message=text
+            )
+
+    async def _hello_loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        body = {"instance": self._instance, "port": self._port}
+        while not stop.is_set():
+            try:
+                await self._post(session, "POST", "hello", body)
+                self.stream_state = StreamState.LIVE
+            except (aiohttp.ClientError, TimeoutError, RejectedError) as err:
+                self.stream_state = StreamState.BACKOFF
+                log.warning("hello_failed", error=str(err) or type(err).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._hello_interval)
+
+    def _take_ops(self) -> list[dict[str, Any]]:
+        ops: list[dict[str, Any]] = []
+        while len(ops) < self._max_batch:
+            batch = self._state.take_batch(1, modify=False)
+            if batch is None:
+                break
+            change = batch.changes[0]
+            ops.append(
+                {
+                    "instance": self._instance,
+                    "op": _LEGACY_OPS[change.op],
+                    "value": {"filename": change.name.decode("utf-8", "replace")},
+                    "seqno": batch.sequence,
+                }
+            )
+        return ops
+
+    async def _send(
+        self, session: aiohttp.ClientSession, ops: list[dict[str, Any]], stop: asyncio.Event
+    ) -> None:
+        """PATCH until it is accepted; on stop, one last try."""
+        failures = 0
+        while True:
+            try:
+                await self._post(session, "PATCH", "files", ops)
+                self.batches_sent += 1
+                return
+            except RejectedError as err:
+                log.error("patch_rejected", error=str(err), ops=len(ops))
+                return
+            except (aiohttp.ClientError, TimeoutError) as err:
+                failures += 1
+                self.reconnects += 1
+                log.warning("patch_failed", error=str(err) or type(err).__name__, attempt=failures)
+                if stop.is_set():
+                    return
+            delay = random.uniform(0, min(self._reconnect_max, self._reconnect_min * 2**failures))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _send_loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while True:
+            ops = self._take_ops()
+            if ops:
+                await self._send(session, ops, stop)
+                continue
+            if stop.is_set():
+                return
+            self._wake.clear()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Hello every interval, PATCH each change, and bye when `stop` is set."""
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._hello_loop(session, stop), name="legacy-hello")
+                tg.create_task(self._send_loop(session, stop), name="legacy-patch")
+            try:
+                await self._post(session, "POST", "bye", {"instance": self._instance})
+            except (aiohttp.ClientError, TimeoutError, RejectedError) as err:
+                log.warning("bye_failed", error=str(err) or type(err).__name__)
+        self.stream_state = StreamState.STOPPED
