@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 
@@ -13,6 +14,9 @@ import structlog
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import method_name
+from opentelemetry.sdk.trace import TracerProvider
 
 from aggregator.config import AggregatorConfig, parse_hostport
 from aggregator.grpc_service import FileIndexService, SyncService
@@ -23,6 +27,7 @@ from aggregator.legacy_http import LegacyGuard, ListFetcher
 from aggregator.liveness import Liveness
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
+from common.tracing import tracer_provider_from_env
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
 
@@ -42,15 +47,25 @@ class Aggregator:
     idempotent, and safe before `start()`.
     """
 
-    def __init__(self, config: AggregatorConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        metrics: Metrics | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.tracer_provider = tracer_provider
+        self.tracer = (
+            tracer_provider.get_tracer("filewatch.aggregator") if tracer_provider else None
+        )
         self.index = Index(max_files_per_watcher=config.max_files_per_watcher)
         self.store = Store(
             self.index,
             self.metrics,
             max_readers=config.max_readers,
             reader_queue=config.reader_queue,
+            tracer=self.tracer,
         )
         self.liveness = Liveness(config.ttl)
         self.sync = SyncService(
@@ -75,7 +90,16 @@ class Aggregator:
         """Bind and serve; returns once every listener is up."""
         cfg = self.config
         keepalive_ms = int(cfg.keepalive * 1000)
+        interceptors = []
+        if self.tracer_provider is not None:
+            # Unary calls only: no span may last a whole Sync or WatchFiles stream.
+            interceptors.append(
+                aio_server_interceptor(  # type: ignore[no-untyped-call]
+                    self.tracer_provider, filter_=method_name("ListFiles")
+                )
+            )
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.keepalive_time_ms", keepalive_ms),
@@ -85,7 +109,7 @@ class Aggregator:
                 # Watchers ping every --keepalive seconds; allow down to 1 s.
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-            ]
+            ],
         )
         self._server = server
         pb_grpc.add_WatcherSyncServicer_to_server(self.sync, server)
@@ -119,6 +143,7 @@ class Aggregator:
             self.metrics,
             legacy=(self.legacy, guard),
             client_max_size=cfg.max_body_bytes,
+            tracer=self.tracer,
         )
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -172,6 +197,8 @@ class Aggregator:
             await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.grace + 1)
         if self._session is not None:
             await self._session.close()
+        if self.tracer_provider is not None:
+            await asyncio.to_thread(self.tracer_provider.shutdown)  # flushes pending spans
         log.info("aggregator_stopped")
 
 
@@ -181,7 +208,9 @@ async def run(config: AggregatorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    aggregator = Aggregator(config)
+    aggregator = Aggregator(
+        config, tracer_provider=tracer_provider_from_env("filewatch-aggregator", os.environ)
+    )
     try:
         await aggregator.start()
         await stop.wait()

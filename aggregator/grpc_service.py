@@ -197,6 +197,7 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         waiter = asyncio.ensure_future(stream.wakeup.wait())
         clean = False
         code = "OK"
+        started = time.perf_counter()
         try:
             check_token(self._token, context.invocation_metadata())
             clean = await self._serve(stream, waiter)
@@ -215,6 +216,7 @@ class SyncService(pb_grpc.WatcherSyncServicer):
             self._streams.discard(stream)
             self._ended(stream, clean)
             self._store.metrics.grpc_requests.labels("Sync", code).inc()
+            self._store.metrics.grpc_duration.labels("Sync").observe(time.perf_counter() - started)
 
     def _ended(self, stream: _SyncStream, clean: bool) -> None:
         node = stream.node
@@ -350,13 +352,17 @@ class SyncService(pb_grpc.WatcherSyncServicer):
             changes,
             protocol=PROTOCOL,
             observed_ns=batch.observed_unix_ns,
+            traceparent=batch.traceparent,
+            tracestate=batch.tracestate,
         )
+        self._store.position(stream.node, batch.sequence, result.applied_sequence)
         if result.status is BatchStatus.GAP:
             await self._resync(stream, "gap", result.applied_sequence)
 
     async def _heartbeat(self, stream: _SyncStream, beat: pb.Heartbeat) -> None:
         info = self._store.index.watcher(stream.node)
         applied = info.applied_sequence if info else 0
+        self._store.position(stream.node, beat.sequence, applied)
         if (
             info is not None
             and info.synced

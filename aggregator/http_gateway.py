@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator.errors import (
@@ -32,6 +34,7 @@ from aggregator.legacy_http import LegacyGuard, add_routes
 from aggregator.names import rfc3339
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
+from common.tracing import extract
 
 log = structlog.get_logger(__name__)
 
@@ -162,6 +165,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+_UNTRACED = frozenset({"/metrics", "/healthz"})
+
+
+def tracing_middleware(tracer: Tracer) -> Middleware:
+    """A span per HTTP request (not /metrics, /healthz), child of an incoming traceparent."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _UNTRACED:
+            return await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        with tracer.start_as_current_span(
+            f"{request.method} {route}",
+            context=extract(
+                request.headers.get("traceparent", ""), request.headers.get("tracestate", "")
+            ),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "http.route": route},
+        ) as span:
+            response = await handler(request)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    return middleware
+
+
 def _truthy(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes", "on")
 
@@ -199,9 +229,13 @@ def make_app(
     *,
     legacy: tuple[LegacyIngest, LegacyGuard] | None = None,
     client_max_size: int = 1024**2,
+    tracer: Tracer | None = None,
 ) -> web.Application:
     """The aiohttp application of the aggregator, with the legacy endpoints if given."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
+    middlewares: list[Middleware] = [error_middleware]
+    if tracer is not None:
+        middlewares.insert(0, tracing_middleware(tracer))
+    app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
     app[STORE] = store
     app[METRICS] = metrics
     app[BODIES] = FilesBodies(store.index)

@@ -54,6 +54,15 @@ class LegacyList:
 Fetcher = Callable[[str, int], Awaitable[LegacyList]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An operation waiting for its turn, with when it arrived and its trace context."""
+
+    op: LegacyOp
+    arrived_ns: int
+    traceparent: str = ""
+
+
 @dataclass(slots=True)
 class _Instance:
     instance: str
@@ -64,7 +73,7 @@ class _Instance:
     synced: bool = False
     fetching: bool = False
     needs_fetch: bool = True
-    buffered: dict[int, list[tuple[LegacyOp, int]]] = field(default_factory=dict)
+    buffered: dict[int, list[_Pending]] = field(default_factory=dict)
     gap_since: float | None = None
 
 
@@ -73,7 +82,7 @@ class _Held:
     """PATCH operations of an instance whose hello has not come yet."""
 
     first_seen: float
-    ops: list[tuple[LegacyOp, int]] = field(default_factory=list)
+    ops: list[_Pending] = field(default_factory=list)
 
 
 def node_name(host: str, port: int) -> str:
@@ -152,10 +161,12 @@ class LegacyIngest:
             self._by_node[node] = instance
             held = self._held.pop(instance, None)
             if held is not None:
-                for op, arrived in held.ops:
-                    rec.buffered.setdefault(op.seqno, []).append((op, arrived))
+                for pending in held.ops:
+                    rec.buffered.setdefault(pending.op.seqno, []).append(pending)
             log.info("legacy_hello_new", node=node, instance=instance)
         self._liveness.seen(rec.node, PROTOCOL, now)
+        announced = max(rec.buffered, default=rec.applied)
+        self._store.position(rec.node, announced, rec.applied)
         self._update_gauge()
         if rec.needs_fetch and not rec.fetching:
             self._start_fetch(rec, "new_instance" if not rec.synced else "refetch")
@@ -175,7 +186,7 @@ class LegacyIngest:
         log.info("legacy_bye", node=rec.node, instance=instance, files_removed=removed)
         return removed
 
-    def patch(self, ops: list[LegacyOp]) -> None:
+    def patch(self, ops: list[LegacyOp], traceparent: str = "") -> None:
         """PATCH /files: apply in seqno order, buffer what cannot be applied yet."""
         now = self._clock()
         arrived = time.time_ns()
@@ -184,13 +195,14 @@ class LegacyIngest:
             if op.instance in self._gone:
                 continue
             rec = self._instances.get(op.instance)
+            pending = _Pending(op, arrived, traceparent)
             if rec is None:
-                self._hold(op, arrived, now)
+                self._hold(pending, now)
                 continue
             if rec.synced and op.seqno <= rec.applied:
                 self._store.metrics.duplicates.inc()
                 continue
-            rec.buffered.setdefault(op.seqno, []).append((op, arrived))
+            rec.buffered.setdefault(op.seqno, []).append(pending)
             touched.add(op.instance)
         for instance in touched:
             rec = self._instances[instance]
@@ -200,15 +212,16 @@ class LegacyIngest:
             elif rec.synced and not rec.fetching:
                 self._drain(rec, now)
 
-    def _hold(self, op: LegacyOp, arrived: int, now: float) -> None:
-        held = self._held.get(op.instance)
+    def _hold(self, pending: _Pending, now: float) -> None:
+        instance = pending.op.instance
+        held = self._held.get(instance)
         if held is None:
             if len(self._held) >= self._max_held:
                 self._store.metrics.errors.labels("held_instances_full").inc()
                 return
-            held = self._held[op.instance] = _Held(now)
+            held = self._held[instance] = _Held(now)
         if len(held.ops) < self._max_buffered:
-            held.ops.append((op, arrived))
+            held.ops.append(pending)
 
     # ------------------------------------------------------------ applying
 
@@ -220,14 +233,15 @@ class LegacyIngest:
         while rec.applied + 1 in rec.buffered:
             seqno = rec.applied + 1
             entries = rec.buffered.pop(seqno)
-            changes = [Change(op.op, op.name, FileMeta()) for op, _ in entries]
+            changes = [Change(p.op.op, p.op.name, FileMeta()) for p in entries]
             result = self._store.apply_batch(
                 rec.node,
                 rec.instance,
                 seqno,
                 changes,
                 protocol=PROTOCOL,
-                observed_ns=min(arrived for _, arrived in entries),
+                observed_ns=min(p.arrived_ns for p in entries),
+                traceparent=entries[0].traceparent,
             )
             if result.status is not BatchStatus.APPLIED:  # the index lost it: refetch
                 rec.buffered.clear()

@@ -207,7 +207,9 @@ async def post_bye(request: web.Request) -> web.Response:
 
 async def patch_files(request: web.Request) -> web.Response:
     """PATCH /files: one or more add/remove operations, each with its seqno."""
-    request.app[LEGACY].patch(parse_patch(await _body(request)))
+    ops = parse_patch(await _body(request))
+    # Our Python watcher carries its batch span; the Go watcher sends none.
+    request.app[LEGACY].patch(ops, request.headers.get("traceparent", ""))
     return _ok()
 
 

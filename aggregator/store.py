@@ -14,9 +14,12 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+from opentelemetry.trace import SpanKind, Tracer
+
 from aggregator.errors import LimitExceededError
 from aggregator.index import BatchResult, BatchStatus, Change, Event, EventKind, Index
 from aggregator.telemetry import Metrics
+from common.tracing import extract
 
 _OP_LABEL = {EventKind.ADDED: "add", EventKind.REMOVED: "remove", EventKind.MODIFIED: "modify"}
 
@@ -50,6 +53,7 @@ class Store:
         max_readers: WatchFiles readers at once.
         reader_queue: events buffered per reader before it is dropped as slow.
         history: recent events kept so that readers can resume from a version.
+        tracer: where apply spans go; None when tracing is off.
     """
 
     def __init__(
@@ -60,8 +64,10 @@ class Store:
         max_readers: int = 1000,
         reader_queue: int = 10_000,
         history: int = 10_000,
+        tracer: Tracer | None = None,
     ) -> None:
         self.index = index
+        self._tracer = tracer
         self.metrics = metrics
         self._max_readers = max_readers
         self._reader_queue = reader_queue
@@ -86,9 +92,32 @@ class Store:
         *,
         protocol: str,
         observed_ns: int | None = None,
+        traceparent: str = "",
+        tracestate: str = "",
     ) -> BatchResult:
-        """Apply a batch, publish its events and record its sync lag."""
-        result = self.index.apply_batch(node, epoch, sequence, changes)
+        """Apply a batch, publish its events and record its sync lag.
+
+        With tracing on, the apply is a span whose parent is the watcher's batch
+        span, carried as a W3C `traceparent`.
+        """
+        if self._tracer is None:
+            result = self.index.apply_batch(node, epoch, sequence, changes)
+        else:
+            changes = tuple(changes)
+            with self._tracer.start_as_current_span(
+                "aggregator.apply_batch",
+                context=extract(traceparent, tracestate),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "filewatch.node": node,
+                    "filewatch.protocol": protocol,
+                    "filewatch.sequence": sequence,
+                    "filewatch.count": len(changes),
+                },
+            ) as span:
+                result = self.index.apply_batch(node, epoch, sequence, changes)
+                span.set_attribute("filewatch.status", result.status.value)
+                span.set_attribute("filewatch.applied", len(result.events))
         if result.status is BatchStatus.APPLIED:
             self._applied(node, result.events)
             if observed_ns:
@@ -98,12 +127,22 @@ class Store:
             self.metrics.duplicates.inc()
         return result
 
+    def position(self, node: str, announced: int, applied: int) -> None:
+        """Record a watcher's sign of life: the sequence it announced and what we applied."""
+        self.metrics.sequence_behind.labels(node).set(max(0, announced - applied))
+        self.metrics.last_seen.labels(node).set(time.time())
+
     def remove_watcher(self, node: str) -> int:
         """Remove a watcher and publish its removals; returns how many files went."""
         events = self.index.remove_watcher(node)
         self._applied(node, events)
-        with contextlib.suppress(KeyError):  # never had a files gauge
-            self.metrics.watcher_files.remove(node)
+        for gauge in (
+            self.metrics.watcher_files,
+            self.metrics.sequence_behind,
+            self.metrics.last_seen,
+        ):
+            with contextlib.suppress(KeyError):  # never had that gauge
+                gauge.remove(node)
         return len(events)
 
     def _applied(self, node: str, events: tuple[Event, ...]) -> None:

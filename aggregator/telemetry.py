@@ -32,6 +32,18 @@ class Metrics:
         self.watcher_files = Gauge(
             "filewatch_watcher_files", "Files per watcher", ["node"], registry=r
         )
+        self.sequence_behind = Gauge(
+            "filewatch_watcher_sequence_behind",
+            "Sequence announced by a watcher minus sequence applied (skew-free lag)",
+            ["node"],
+            registry=r,
+        )
+        self.last_seen = Gauge(
+            "filewatch_watcher_last_seen_timestamp_seconds",
+            "Unix time of a watcher's last heartbeat, hello or batch",
+            ["node"],
+            registry=r,
+        )
         self.changes = Counter(
             "filewatch_changes_applied", "Changes applied to the index, by op", ["op"], registry=r
         )
@@ -58,6 +70,10 @@ class Metrics:
         self.grpc_requests = Counter(
             "filewatch_grpc_requests", "gRPC calls, by method and code", ["method", "code"],
             registry=r,
+        )  # fmt: skip
+        self.grpc_duration = Histogram(
+            "filewatch_grpc_request_duration_seconds", "gRPC call duration, by method",
+            ["method"], registry=r,
         )  # fmt: skip
         self.http_requests = Counter(
             "filewatch_http_requests", "HTTP requests, by route and status", ["route", "status"],
