@@ -6,6 +6,8 @@ import asyncio
 import os
 import sys
 
+import prometheus_client
+
 from common.logs import configure
 from watcher.app import WatcherError, run
 from watcher.config import from_args
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"watcher: {err}", file=sys.stderr)
         return 2
+    prometheus_client.disable_created_metrics()  # no *_created series: less noise per scrape
     configure(config.log_level, config.log_format, service="watcher", folder=config.dir)
     try:
         asyncio.run(run(config))

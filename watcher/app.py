@@ -14,14 +14,17 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from opentelemetry.trace import Tracer
+from prometheus_client import CollectorRegistry, Gauge
 
+from common.tracing import tracer_provider_from_env
 from watcher.client import Identity, SyncClient
 from watcher.config import WatcherConfig
 from watcher.fs_events import FolderObserver, Observation
 from watcher.legacy_client import LegacyClient
 from watcher.scanner import scan_folder, stat_file
 from watcher.state import FolderState
+from watcher.telemetry import WatcherMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +36,12 @@ class WatcherError(Exception):
 class Watcher:
     """One watcher process: watches `config.dir` and reports it to the aggregator."""
 
-    def __init__(self, config: WatcherConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: WatcherConfig,
+        registry: CollectorRegistry | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.config = config
         self.folder = os.fsencode(os.path.abspath(config.dir))
         self.state = FolderState(resend_buffer=config.resend_buffer)
@@ -43,15 +51,8 @@ class Watcher:
         self._wake = asyncio.Event()
         self._client: SyncClient | LegacyClient | None = None
         r = self.registry
-        self._fs_events = Counter(
-            "filewatch_watcher_fs_events", "File-system events seen", registry=r
-        )
-        self._rescans = Counter("filewatch_watcher_rescans", "Full rescans run", registry=r)
-        self._rescan_changes = Counter(
-            "filewatch_watcher_rescan_changes",
-            "Changes found by rescans (missed events)",
-            registry=r,
-        )
+        self.metrics = WatcherMetrics(self.registry, tracer)
+        r = self.registry
         Gauge("filewatch_watcher_files", "Files in the watched folder", registry=r).set_function(
             lambda: len(self.state.files)
         )
@@ -64,7 +65,7 @@ class Watcher:
 
     def _on_fs(self, obs: Observation, observed_ns: int) -> None:
         """Runs on the loop (handed over by the observer thread)."""
-        self._fs_events.inc()
+        self.metrics.fs_events.inc()
         changed = False
         for name, st in obs:
             changed |= self.state.observe(name, st, observed_ns)
@@ -111,14 +112,14 @@ class Watcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
                 return
-            self._rescans.inc()
+            self.metrics.rescans.inc()
             try:
                 changed = await self._scan()
             except OSError as err:
                 log.error("rescan_failed", error=str(err))
                 continue
             if changed:
-                self._rescan_changes.inc(changed)
+                self.metrics.rescan_changes.inc(changed)
                 log.warning("rescan_repaired", changes=changed)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -189,6 +190,7 @@ class Watcher:
                 max_batch=cfg.max_batch,
                 reconnect_min=cfg.reconnect_min,
                 reconnect_max=cfg.reconnect_max,
+                metrics=self.metrics,
             )
         return SyncClient(
             cfg.target,
@@ -203,6 +205,7 @@ class Watcher:
             chunk_bytes=cfg.chunk_bytes,
             reconnect_min=cfg.reconnect_min,
             reconnect_max=cfg.reconnect_max,
+            metrics=self.metrics,
         )
 
 
@@ -212,4 +215,10 @@ async def run(config: WatcherConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Watcher(config).run(stop)
+    provider = tracer_provider_from_env("filewatch-watcher", os.environ)
+    tracer = provider.get_tracer("filewatch.watcher") if provider else None
+    try:
+        await Watcher(config, tracer=tracer).run(stop)
+    finally:
+        if provider is not None:
+            await asyncio.to_thread(provider.shutdown)  # flushes pending spans

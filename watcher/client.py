@@ -17,10 +17,13 @@ from typing import Any
 
 import grpc
 import structlog
+from opentelemetry.trace import SpanKind
 
+from common.tracing import inject
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
 from watcher.state import Batch, FolderState, Op, chunked
+from watcher.telemetry import WatcherMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +58,16 @@ class Identity:
     folder: str
     host: str
     http_port: int
+
+
+def batch_attributes(node: str, batch: Batch) -> dict[str, str | int]:
+    """The attributes of a watcher's batch span."""
+    return {
+        "filewatch.node": node,
+        "filewatch.count": len(batch.changes),
+        "filewatch.sequence.first": batch.sequence,
+        "filewatch.sequence.last": batch.sequence,
+    }
 
 
 def batch_to_pb(batch: Batch) -> pb.WatcherMessage:
@@ -98,6 +111,7 @@ class SyncClient:
         chunk_bytes: int = 1024 * 1024,
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
+        metrics: WatcherMetrics | None = None,
     ) -> None:
         self._target = target
         self._id = identity
@@ -111,12 +125,20 @@ class SyncClient:
         self._chunk_bytes = chunk_bytes
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self.stream_state = StreamState.CONNECTING
-        self.reconnects = 0
-        self.snapshots_sent = 0
-        self.batches_sent = 0
+        self.metrics = metrics or WatcherMetrics()
+        self._state_value = StreamState.CONNECTING
         self.applied_sequence = 0
         self._resync = False
+
+    @property
+    def stream_state(self) -> StreamState:
+        """Where the stream stands (also exported as a metric)."""
+        return self._state_value
+
+    @stream_state.setter
+    def stream_state(self, value: StreamState) -> None:
+        self._state_value = value
+        self.metrics.stream_state.state(value.value)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, sync, reconnect on failure; on `stop`, say goodbye and return."""
@@ -147,7 +169,7 @@ class SyncClient:
                     log.warning(
                         "stream_failed", target=self._target, code=str(code), details=details
                     )
-                self.reconnects += 1
+                self.metrics.reconnects.inc()
                 self.stream_state = StreamState.BACKOFF
                 delay = random.uniform(
                     0, min(self._reconnect_max, self._reconnect_min * 2**failures)
@@ -238,8 +260,7 @@ class SyncClient:
                         await asyncio.sleep(self._batch_delay)
                     batch = st.take_batch(self._max_batch)
                     if batch is not None:
-                        await call.write(batch_to_pb(batch))
-                        self.batches_sent += 1
+                        await self._send_batch(call, batch)
                     continue
                 self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
@@ -260,6 +281,23 @@ class SyncClient:
         finally:
             stopper.cancel()
 
+    async def _send_batch(self, call: grpc.aio.StreamStreamCall, batch: Batch) -> None:
+        msg = batch_to_pb(batch)
+        tracer = self.metrics.tracer
+        if tracer is None:
+            await call.write(msg)
+        else:
+            with tracer.start_as_current_span(
+                "watcher.batch",
+                kind=SpanKind.PRODUCER,
+                attributes=batch_attributes(self._id.node, batch),
+            ) as span:
+                msg.batch.traceparent, msg.batch.tracestate = inject(span)
+                await call.write(msg)
+        self.metrics.batches.inc()
+        for change in batch.changes:
+            self.metrics.changes.labels(change.op.value).inc()
+
     async def _send_snapshot(self, call: grpc.aio.StreamStreamCall) -> None:
         files, sequence = self._state.snapshot()
         started = time.perf_counter()
@@ -271,7 +309,7 @@ class SyncClient:
         await call.write(
             pb.WatcherMessage(snapshot_end=pb.SnapshotEnd(sequence=sequence, count=len(files)))
         )
-        self.snapshots_sent += 1
+        self.metrics.snapshots.inc()
         log.info(
             "snapshot_sent",
             files=len(files),

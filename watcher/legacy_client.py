@@ -17,9 +17,12 @@ from typing import Any
 import aiohttp
 import orjson
 import structlog
+from opentelemetry.trace import SpanKind
 
+from common.tracing import inject
 from watcher.client import StreamState
 from watcher.state import FolderState, Op
+from watcher.telemetry import WatcherMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +50,7 @@ class LegacyClient:
         max_batch: int = 1000,
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
+        metrics: WatcherMetrics | None = None,
     ) -> None:
         self._base = base_url.rstrip("/") + "/"
         self._instance = instance
@@ -61,16 +65,31 @@ class LegacyClient:
         self._max_batch = max_batch
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self.stream_state = StreamState.CONNECTING
-        self.reconnects = 0
-        self.batches_sent = 0
+        self.metrics = metrics or WatcherMetrics()
+        self._state_value = StreamState.CONNECTING
+
+    @property
+    def stream_state(self) -> StreamState:
+        """Where the link stands (also exported as a metric)."""
+        return self._state_value
+
+    @stream_state.setter
+    def stream_state(self, value: StreamState) -> None:
+        self._state_value = value
+        self.metrics.stream_state.state(value.value)
 
     async def _post(
-        self, session: aiohttp.ClientSession, method: str, path: str, body: Any
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        body: Any,
+        traceparent: str = "",
     ) -> None:
         data = orjson.dumps(body)
+        headers = {**self._headers, "traceparent": traceparent} if traceparent else self._headers
         async with session.request(
-            method, self._base + path, data=data, headers=self._headers, allow_redirects=False
+            method, self._base + path, data=data, headers=headers, allow_redirects=False
         ) as resp:
             if resp.status == 200:
                 return
@@ -117,21 +136,39 @@ class LegacyClient:
         failures = 0
         while True:
             try:
-                await self._post(session, "PATCH", "files", ops)
-                self.batches_sent += 1
+                await self._patch(session, ops)
+                self.metrics.batches.inc()
+                for op in ops:
+                    self.metrics.changes.labels(op["op"]).inc()
                 return
             except RejectedError as err:
                 log.error("patch_rejected", error=str(err), ops=len(ops))
                 return
             except (aiohttp.ClientError, TimeoutError) as err:
                 failures += 1
-                self.reconnects += 1
+                self.metrics.reconnects.inc()
                 log.warning("patch_failed", error=str(err) or type(err).__name__, attempt=failures)
                 if stop.is_set():
                     return
             delay = random.uniform(0, min(self._reconnect_max, self._reconnect_min * 2**failures))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
+
+    async def _patch(self, session: aiohttp.ClientSession, ops: list[dict[str, Any]]) -> None:
+        tracer = self.metrics.tracer
+        if tracer is None:
+            await self._post(session, "PATCH", "files", ops)
+            return
+        attributes: dict[str, str | int] = {
+            "filewatch.node": self._instance,
+            "filewatch.count": len(ops),
+            "filewatch.sequence.first": ops[0]["seqno"],
+            "filewatch.sequence.last": ops[-1]["seqno"],
+        }
+        with tracer.start_as_current_span(
+            "watcher.batch", kind=SpanKind.PRODUCER, attributes=attributes
+        ) as span:
+            await self._post(session, "PATCH", "files", ops, inject(span)[0])
 
     async def _send_loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         while True:
