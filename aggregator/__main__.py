@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"aggregator: {err}", file=sys.stderr)
         return 2
-    prometheus_client.disable_created_metrics()  # no *_created series: less noise per scrape
+    # No *_created series: less noise per scrape.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     configure(config.log_level, config.log_format, service="aggregator", node="aggregator")
     asyncio.run(run(config))
     return 0
