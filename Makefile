@@ -46,7 +46,8 @@ stop:
 	@$(PYTHON) scripts/devrun.py stop
 
 bench: $(STAMP)
-	@echo "make bench: the benchmark harness is not built yet (see the benchmarks issue)"
+	$(PY) bench/lag.py --trials $(if $(QUICK),5,50) --json bench/results/lag.json
+	$(PY) bench/lag.py --trials $(if $(QUICK),5,50) --background $(if $(QUICK),1000,100000) --protocol grpc
 
 clean: stop
 	rm -rf $(RUN) .mypy_cache .ruff_cache .pytest_cache
