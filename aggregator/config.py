@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,9 @@ class AggregatorConfig:
     """Largest legacy watcher list fetched."""
 
     def __post_init__(self) -> None:
+        for name in ("ttl", "hello_timeout", "keepalive", "grace", "fetch_timeout", "gap_wait"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
         for address in (*self.http, self.grpc):
             parse_hostport(address)
         if not self.http:

@@ -260,8 +260,10 @@ class Index:
         if sequence <= w.applied_sequence:
             return BatchResult(BatchStatus.DUPLICATE, (), w.applied_sequence)
         changes = tuple(changes)
-        added = sum(1 for c in changes if c.op is not Op.REMOVE and c.name not in w.files)
-        if len(w.files) + added > self._max_files:
+        # The net effect on the count (a rename at the limit is fine); O(batch).
+        present = {c.name: c.op is not Op.REMOVE for c in changes}
+        delta = sum(int(now) - int(name in w.files) for name, now in present.items())
+        if len(w.files) + delta > self._max_files:
             raise LimitExceededError(f"{node!r} would exceed {self._max_files} files per watcher")
         events: list[Event] = []
         for change in changes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -52,6 +53,12 @@ class WatcherConfig:
     """kv, json, or auto (json when not on a terminal)."""
 
     def __post_init__(self) -> None:
+        for name in (
+            "rescan_interval", "hello_interval", "heartbeat_interval", "keepalive",
+            "batch_delay", "reconnect_min", "reconnect_max",
+        ):  # fmt: skip
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
         scheme = urlsplit(self.aggregator).scheme
         if scheme not in ("grpc", "http"):
             raise ValueError(
@@ -64,7 +71,13 @@ class WatcherConfig:
         if self.rescan_interval < 0 or self.batch_delay < 0:
             raise ValueError("intervals must not be negative")
         if (
-            min(self.heartbeat_interval, self.keepalive, self.reconnect_min, self.reconnect_max)
+            min(
+                self.hello_interval,
+                self.heartbeat_interval,
+                self.keepalive,
+                self.reconnect_min,
+                self.reconnect_max,
+            )
             <= 0
         ):
             raise ValueError("heartbeat, keepalive and reconnect delays must be positive")
@@ -95,7 +108,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_flag(p, env, "-dir", "--dir", help="folder to watch", default=d.dir)
-    add_flag(p, env, "-p", "--port", help="this watcher's HTTP port", default=d.port, type=int)
+    # Go's flag package also takes --p: so do we.
+    add_flag(
+        p, env, "-p", "--p", "--port",
+        help="this watcher's HTTP port", default=d.port, type=int, dest="port",
+    )  # fmt: skip
     add_flag(
         p, env, "-aggregator", "--aggregator",
         help="grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy protocol)",

@@ -146,9 +146,14 @@ class FolderState:
         return batch
 
     def snapshot(self) -> tuple[list[tuple[bytes, FileStat]], int]:
-        """Every file now, at the current sequence; pending changes are included."""
-        self._dirty.clear()
-        self._first_observed_ns = None
+        """Every file now, at a sequence that covers every change.
+
+        Pending changes first become a batch in the resend ring: if the
+        snapshot never completes and the aggregator resumes from its old
+        position, the resend still carries them.
+        """
+        while self.take_batch(1 << 30) is not None:
+            pass
         return list(self.files.items()), self.sequence
 
     def batches_after(self, sequence: int) -> list[Batch] | None:
