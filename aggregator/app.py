@@ -102,6 +102,8 @@ class Aggregator:
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                # A second aggregator on the same port must fail, not share it.
+                ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", keepalive_ms),
                 ("grpc.keepalive_timeout_ms", keepalive_ms),
                 ("grpc.keepalive_permit_without_calls", 1),

@@ -74,7 +74,9 @@ def check_token(token: str, metadata: Iterable[tuple[str, str | bytes]] | None) 
 def entry_to_pb(entry: Entry) -> pb.FileEntry:
     """A core entry as a proto FileEntry."""
     return pb.FileEntry(
-        filename=entry.filename,
+        # A proto string must be valid UTF-8: undecodable bytes become U+FFFD
+        # here; raw_name carries the exact bytes.
+        filename=entry.raw_name.decode("utf-8", "replace"),
         raw_name=entry.raw_name,
         node=entry.node,
         size=entry.size,
@@ -238,7 +240,7 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         self._store.metrics.watchers.labels(PROTOCOL).set(counts.get(PROTOCOL, 0))
 
     async def _serve(self, stream: _SyncStream, waiter: asyncio.Task[bool]) -> bool:
-        """Run the stream; True if it ended cleanly (goodbye or half-close)."""
+        """Run the stream; True if it ended cleanly (with a goodbye)."""
         first = await stream.read(waiter, self._hello_timeout)
         if first is grpc.aio.EOF:
             return False
@@ -248,7 +250,9 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         while True:
             msg = await stream.read(waiter)
             if msg is grpc.aio.EOF:
-                return True
+                # Not proof of a clean stop: grpc also ends the reads of a peer that
+                # died (SIGKILL, reset) with EOF. Only a goodbye is clean.
+                return False
             assert isinstance(msg, pb.WatcherMessage)
             kind = msg.WhichOneof("kind")
             if kind == "batch":

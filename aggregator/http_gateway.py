@@ -153,6 +153,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = problem(exc.status, exc.reason, exc.text or exc.reason, request.path)
     except AggregatorError as err:
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(err, cls)), 400)
+        metrics.rejected.labels(route_name, type(err).__name__).inc()
         log.warning("http_rejected", path=request.path, error=str(err), status=status)
         response = problem(status, type(err).__name__, str(err), request.path)
     except Exception:
@@ -196,15 +197,30 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes", "on")
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip (q > 0)."""
+    for part in accept_encoding.split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().removeprefix("q=").strip() if params.strip().startswith("q=") else "1"
+        try:
+            return float(q) > 0
+        except ValueError:
+            return False
+    return False
+
+
 async def get_files(request: web.Request) -> web.StreamResponse:
     """GET /files/: every file of every watcher, sorted by name then watcher."""
     bodies = request.app[BODIES]
     body = bodies.get(_truthy(request.query.get("detail")))
     headers = {"ETag": body.etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
-    if body.etag in request.headers.get("If-None-Match", ""):
+    if_none_match = request.headers.get("If-None-Match", "")
+    if if_none_match.strip() == "*" or body.etag in if_none_match:
         return web.Response(status=304, headers=headers)
     payload = body.plain
-    if len(payload) >= _GZIP_MIN and "gzip" in request.headers.get("Accept-Encoding", ""):
+    if len(payload) >= _GZIP_MIN and accepts_gzip(request.headers.get("Accept-Encoding", "")):
         payload = bodies.gzipped(body)
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=payload, headers=headers, content_type=JSON_TYPE, charset="utf-8")

@@ -328,9 +328,10 @@ class LegacyIngest:
 
     def expired(self, node: str) -> None:
         """The reaper removed `node` (no hello for the TTL): forget its instance."""
-        instance = self._by_node.get(node)
+        # Not bye'd but lost: its next hello is a first hello again (fetch at once).
+        instance = self._by_node.pop(node, None)
         if instance is not None:
-            self._drop(instance, self._clock())
+            self._instances.pop(instance, None)
             self._update_gauge()
 
     def _drop(self, instance: str, now: float) -> None:

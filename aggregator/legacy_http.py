@@ -82,7 +82,8 @@ def parse_patch(body: bytes) -> list[LegacyOp]:
         if not isinstance(item, dict):
             raise InvalidInputError(f"{where}: each operation must be a JSON object")
         instance = _instance(item, where)
-        op = _LEGACY_OPS.get(item.get("op"))  # type: ignore[arg-type]
+        raw_op = item.get("op")
+        op = _LEGACY_OPS.get(raw_op) if isinstance(raw_op, str) else None
         if op is None:
             raise InvalidInputError(
                 f'{where}: \'op\' must be "add" or "remove", got {item.get("op")!r}'
@@ -144,10 +145,12 @@ class ListFetcher:
         async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise InvalidInputError(f"GET {url} answered {resp.status}")
-            body = await resp.content.read(self._max_bytes + 1)
-            if len(body) > self._max_bytes:
-                raise InvalidInputError(f"GET {url} answered more than {self._max_bytes} bytes")
-        return parse_list(body, self._metrics)
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > self._max_bytes:
+                    raise InvalidInputError(f"GET {url} answered more than {self._max_bytes} bytes")
+        return parse_list(bytes(body), self._metrics)
 
 
 class LegacyGuard:
@@ -169,6 +172,8 @@ class LegacyGuard:
             peer = ipaddress.ip_address((request.remote or "").split("%")[0])
         except ValueError as exc:
             raise UnauthenticatedError("unknown peer address") from exc
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped:
+            peer = peer.ipv4_mapped  # an IPv4 client of a dual-stack listener
         if not any(peer in net for net in self._networks):
             allowed = ", ".join(map(str, self._networks))
             raise UnauthenticatedError(

@@ -419,7 +419,7 @@ class FileEntry(_message.Message):
     MODIFIED_UNIX_NS_FIELD_NUMBER: _builtins.int
     MODIFIED_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
-    """display name; undecodable bytes as U+DC80..U+DCFF"""
+    """display name; undecodable bytes as U+FFFD"""
     raw_name: _builtins.bytes
     """the exact bytes of the name"""
     node: _builtins.str
