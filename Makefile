@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN := .run
 AGGREGATOR_ADDRESS ?= grpc://127.0.0.1:50051
 
-.PHONY: install proto check-proto fmt lint test run stop bench clean
+.PHONY: install proto check-proto fmt lint test run stop bench clean tools check-observability observe
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check aggregator watcher common tests bench scripts
 	$(VENV)/bin/mypy
 
-test: $(STAMP) check-proto lint
+# Debian's prometheus + promtool when missing (apt-get; starts no service).
+tools:
+	bash observability/install-tools.sh
+
+# promtool check config / check rules / test rules, and the dashboard's JSON.
+check-observability: tools
+	bash observability/check.sh
+
+test: $(STAMP) check-proto lint check-observability
 	$(PY) -m pytest
+
+# Prometheus on 127.0.0.1:9090 scraping `make run` (foreground; Ctrl-C stops it).
+observe: tools
+	@bash observability/run_prometheus.sh
 
 run: $(STAMP)
 	@$(PY) scripts/devrun.py start --aggregator-address '$(AGGREGATOR_ADDRESS)'

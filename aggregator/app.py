@@ -173,6 +173,7 @@ class Aggregator:
             await asyncio.sleep(period)
             for node in self.liveness.expired(time.monotonic()):
                 removed = self.store.remove_watcher(node)
+                self.metrics.watchers_expired.inc()
                 if self.legacy is not None:
                     self.legacy.expired(node)
                 log.info("watcher_expired", node=node, files_removed=removed)

@@ -56,6 +56,21 @@ class Metrics:
         self.errors = Counter(
             "filewatch_ingestion_errors", "Ingestion errors, by kind", ["kind"], registry=r
         )
+        # Series at 0 from the start: rate() and increase() cannot see a counter's
+        # first event when its series is born at 1, so an alert would miss it.
+        for reason in ("gap", "behind", "refetch", "buffer_full", "lost"):
+            self.resyncs.labels(reason)
+        for kind in (
+            "InvalidInputError", "UnknownWatcherError", "LimitExceededError",
+            "UnauthenticatedError", "held_instances_full", "held_expired",
+            "legacy_fetch_failed", "legacy_instance_mismatch", "legacy_list_bad_name",
+        ):  # fmt: skip
+            self.errors.labels(kind)
+        self.watchers_expired = Counter(
+            "filewatch_watchers_expired",
+            "Watchers whose files were removed because their TTL ran out (vanished, no bye)",
+            registry=r,
+        )
         self.rejected = Counter(
             "filewatch_rejected_inputs", "Bad inputs refused, by endpoint and problem",
             ["endpoint", "problem"], registry=r,

@@ -53,9 +53,11 @@ class Watcher:
         r = self.registry
         self.metrics = WatcherMetrics(self.registry, tracer)
         r = self.registry
-        Gauge("filewatch_watcher_files", "Files in the watched folder", registry=r).set_function(
-            lambda: len(self.state.files)
-        )
+        # Not filewatch_watcher_files: the aggregator exports that name (files per
+        # watcher in its index, by node); one name must mean one thing.
+        Gauge(
+            "filewatch_watcher_folder_files", "Files in the watched folder", registry=r
+        ).set_function(lambda: len(self.state.files))
         Gauge("filewatch_watcher_queue_depth", "Changes not yet sent", registry=r).set_function(
             lambda: self.state.pending
         )

@@ -1,0 +1,1 @@
+"""Tests of observability/: real Prometheus, metric names, and traces across processes."""
