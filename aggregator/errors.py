@@ -21,3 +21,7 @@ class LimitExceededError(AggregatorError):
 
 class UnauthenticatedError(AggregatorError):
     """Ingestion without the shared token, or with a wrong one."""
+
+
+class ConflictError(AggregatorError):
+    """A watcher name is held by another live watcher: nobody overwrites another's files."""

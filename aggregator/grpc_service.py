@@ -19,6 +19,7 @@ import structlog
 
 from aggregator.errors import (
     AggregatorError,
+    ConflictError,
     InvalidInputError,
     LimitExceededError,
     UnauthenticatedError,
@@ -40,6 +41,7 @@ _STATUS: dict[type[AggregatorError], grpc.StatusCode] = {
     UnknownWatcherError: grpc.StatusCode.NOT_FOUND,
     LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    ConflictError: grpc.StatusCode.ALREADY_EXISTS,
 }
 
 _OPS = {pb.OP_ADD: Op.ADD, pb.OP_REMOVE: Op.REMOVE, pb.OP_MODIFY: Op.MODIFY}
@@ -281,10 +283,17 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         info = index.watcher(hello.node)
         if info is None and index.watcher_count >= self._max_watchers:
             raise LimitExceededError(f"at most {self._max_watchers} watchers")
-        stream.node, stream.epoch = hello.node, hello.epoch
         previous = self._owners.get(hello.node)
-        if previous is not None:
-            previous.kick(grpc.StatusCode.ABORTED, "superseded by a newer stream for this node")
+        if previous is not None and previous.epoch != hello.epoch:
+            raise ConflictError(
+                f"watcher name {hello.node!r} is held by another live stream; "
+                "give each watcher its own --name"
+            )
+        if self._liveness.protocol_of(hello.node) not in (None, PROTOCOL):
+            raise ConflictError(f"watcher name {hello.node!r} is held by a legacy watcher")
+        if previous is not None:  # the same process reconnected: its old stream is dead
+            previous.kick(grpc.StatusCode.ABORTED, "superseded by a newer stream of this watcher")
+        stream.node, stream.epoch = hello.node, hello.epoch
         self._owners[hello.node] = stream
         self._liveness.connected(hello.node, PROTOCOL)
         self._update_watcher_gauge()

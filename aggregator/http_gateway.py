@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aggregator.errors import (
     AggregatorError,
+    ConflictError,
     InvalidInputError,
     LimitExceededError,
     UnauthenticatedError,
@@ -130,6 +131,7 @@ _ERROR_STATUS: dict[type[AggregatorError], int] = {
     InvalidInputError: 400,
     LimitExceededError: 429,
     UnauthenticatedError: 401,
+    ConflictError: 409,
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

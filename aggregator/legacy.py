@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from aggregator.errors import InvalidInputError, LimitExceededError
+from aggregator.errors import ConflictError, InvalidInputError, LimitExceededError
 from aggregator.index import BatchStatus, Change, FileMeta, Op
 from aggregator.liveness import Liveness
 from aggregator.names import invalid_name_reason
@@ -146,8 +146,12 @@ class LegacyIngest:
         if instance in self._gone:
             return
         rec = self._instances.get(instance)
+        if rec is not None and rec.host != host:
+            raise ConflictError(f"instance {instance!r} belongs to another address")
         if rec is None:
             node = node_name(host, port)
+            if self._liveness.protocol_of(node) not in (None, PROTOCOL):
+                raise ConflictError(f"watcher name {node!r} is held by a gRPC watcher")
             index = self._store.index
             if index.watcher(node) is None and index.watcher_count >= self._max_watchers:
                 raise LimitExceededError(f"at most {self._max_watchers} watchers")
@@ -171,11 +175,13 @@ class LegacyIngest:
         if rec.needs_fetch and not rec.fetching:
             self._start_fetch(rec, "new_instance" if not rec.synced else "refetch")
 
-    def bye(self, instance: str) -> int:
-        """POST /bye: the instance's files go at once; it stays gone."""
+    def bye(self, instance: str, host: str) -> int:
+        """POST /bye from `host`: the instance's files go at once; it stays gone."""
         now = self._clock()
-        self._held.pop(instance, None)
         rec = self._instances.get(instance)
+        if rec is not None and rec.host != host:
+            raise ConflictError(f"instance {instance!r} belongs to another address")
+        self._held.pop(instance, None)
         if rec is None:
             self._gone[instance] = now + self._liveness.ttl
             return 0
@@ -186,9 +192,16 @@ class LegacyIngest:
         log.info("legacy_bye", node=rec.node, instance=instance, files_removed=removed)
         return removed
 
-    def patch(self, ops: list[LegacyOp], traceparent: str = "") -> None:
-        """PATCH /files: apply in seqno order, buffer what cannot be applied yet."""
+    def patch(self, ops: list[LegacyOp], host: str, traceparent: str = "") -> None:
+        """PATCH /files from `host`: apply in seqno order, buffer what cannot be applied yet.
+
+        An instance's operations are taken only from the address of its hello.
+        """
         now = self._clock()
+        for op in ops:
+            rec = self._instances.get(op.instance)
+            if rec is not None and rec.host != host:
+                raise ConflictError(f"instance {op.instance!r} belongs to another address")
         arrived = time.time_ns()
         touched: set[str] = set()
         for op in ops:

@@ -206,7 +206,7 @@ async def post_hello(request: web.Request) -> web.Response:
 
 async def post_bye(request: web.Request) -> web.Response:
     """POST /bye: the instance's files go at once."""
-    request.app[LEGACY].bye(parse_bye(await _body(request)))
+    request.app[LEGACY].bye(parse_bye(await _body(request)), request.remote or "")
     return _ok()
 
 
@@ -214,7 +214,7 @@ async def patch_files(request: web.Request) -> web.Response:
     """PATCH /files: one or more add/remove operations, each with its seqno."""
     ops = parse_patch(await _body(request))
     # Our Python watcher carries its batch span; the Go watcher sends none.
-    request.app[LEGACY].patch(ops, request.headers.get("traceparent", ""))
+    request.app[LEGACY].patch(ops, request.remote or "", request.headers.get("traceparent", ""))
     return _ok()
 
 

@@ -47,6 +47,11 @@ class Liveness:
             del self._nodes[node]
         return gone
 
+    def protocol_of(self, node: str) -> str | None:
+        """The protocol of a known node, or None."""
+        state = self._nodes.get(node)
+        return state.protocol if state else None
+
     def count_by_protocol(self) -> dict[str, int]:
         """Watchers known now, by protocol (connected or within their TTL)."""
         counts: dict[str, int] = {}
