@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import time
 import uuid
 from typing import Any
@@ -50,6 +51,9 @@ class Watcher:
         self.http_port = 0
         self._wake = asyncio.Event()
         self._client: SyncClient | LegacyClient | None = None
+        self._observer: FolderObserver | None = None
+        self._folder_ident: tuple[int, int] | None = None
+        self.folder_state = "ok"  # ok | missing | unreadable | error
         r = self.registry
         self.metrics = WatcherMetrics(self.registry, tracer)
         r = self.registry
@@ -84,6 +88,7 @@ class Watcher:
             "files": len(self.state.files),
             "seqno": self.state.sequence,
             "stream": client.stream_state.value if client else "starting",
+            "folder_state": self.folder_state,
         }
 
     async def _scan(self) -> int:
@@ -114,15 +119,79 @@ class Watcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
                 return
-            self.metrics.rescans.inc()
-            try:
-                changed = await self._scan()
-            except OSError as err:
-                log.error("rescan_failed", error=str(err))
+            if self.folder_state != "missing":
+                await self._checked_scan()
+
+    def _folder_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the folder, or None if it is not there. Blocking."""
+        try:
+            st = os.stat(self.folder)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def _forget_all(self) -> None:
+        """The folder is gone, and so are its files."""
+        now = time.time_ns()
+        for name in list(self.state.files):
+            self.state.observe(name, None, now)
+        self._wake.set()
+
+    async def _restart_observer(self) -> bool:
+        observer = self._observer
+        if observer is None:
+            return False
+        await observer.stop()
+        try:
+            observer.start()
+        except OSError as err:
+            log.error("observer_start_failed", error=str(err))
+            return False
+        return True
+
+    async def _supervise(self, stop: asyncio.Event) -> None:
+        """Keep the observer alive and follow the folder if it goes, comes back or is replaced."""
+        interval = self.config.folder_check_interval
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            ident = await asyncio.to_thread(self._folder_identity)
+            if ident is None:
+                if self.folder_state != "missing":
+                    self.folder_state = "missing"
+                    log.error("folder_missing", files_dropped=len(self.state.files))
+                    if self._observer is not None:
+                        await self._observer.stop()
+                    self._forget_all()
                 continue
-            if changed:
-                self.metrics.rescan_changes.inc(changed)
-                log.warning("rescan_repaired", changes=changed)
+            if self.folder_state == "missing" or ident != self._folder_ident:
+                log.warning("folder_back", replaced=self.folder_state != "missing")
+            elif self._observer is not None and not self._observer.is_alive():
+                log.error("observer_restarted")
+            else:
+                continue
+            self._folder_ident = ident
+            if await self._restart_observer():
+                await self._checked_scan()
+
+    async def _checked_scan(self) -> None:
+        """A rescan that records the folder's state and counts what it repaired."""
+        self.metrics.rescans.inc()
+        try:
+            changed = await self._scan()
+        except OSError as err:
+            state = "unreadable" if isinstance(err, PermissionError) else "error"
+            if state != self.folder_state:  # one line per change of state, not per tick
+                log.error("rescan_failed", error=str(err), folder_state=state)
+            self.folder_state = state
+            return
+        if self.folder_state != "ok":
+            log.info("folder_ok", previous=self.folder_state)
+        self.folder_state = "ok"
+        if changed:
+            self.metrics.rescan_changes.inc(changed)
+            log.warning("rescan_repaired", changes=changed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then say goodbye and clean up."""
@@ -138,7 +207,8 @@ class Watcher:
             access_log=None,
         )
         await runner.setup()
-        observer = FolderObserver(self.folder, loop, self._on_fs)
+        observer = self._observer = FolderObserver(self.folder, loop, self._on_fs)
+        self._folder_ident = await asyncio.to_thread(self._folder_identity)
         try:
             site = web.TCPSite(runner, cfg.http_host, cfg.port, reuse_address=True)
             try:
@@ -173,6 +243,7 @@ class Watcher:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._client.run(stop), name="aggregator-client")
                 tg.create_task(self._rescan_loop(stop), name="rescan")
+                tg.create_task(self._supervise(stop), name="folder-supervisor")
         finally:
             await observer.stop()
             await runner.cleanup()

@@ -31,6 +31,8 @@ class WatcherConfig:
     """Seconds between full rescans that repair missed events (jittered); 0: never."""
     hello_interval: float = 5.0
     """Seconds between legacy hellos (http:// aggregators)."""
+    folder_check_interval: float = 1.0
+    """Seconds between checks that the folder and the observer are alive."""
     heartbeat_interval: float = 2.0
     """Seconds of idleness before a heartbeat goes out."""
     keepalive: float = 10.0
@@ -54,7 +56,8 @@ class WatcherConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "rescan_interval", "hello_interval", "heartbeat_interval", "keepalive",
+            "rescan_interval", "folder_check_interval", "hello_interval",
+            "heartbeat_interval", "keepalive",
             "batch_delay", "reconnect_min", "reconnect_max",
         ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
@@ -72,6 +75,7 @@ class WatcherConfig:
             raise ValueError("intervals must not be negative")
         if (
             min(
+                self.folder_check_interval,
                 self.hello_interval,
                 self.heartbeat_interval,
                 self.keepalive,
@@ -130,6 +134,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add_flag(
         p, env, "--hello-interval", help="seconds between legacy hellos",
         default=d.hello_interval, type=float,
+    )  # fmt: skip
+    add_flag(
+        p, env, "--folder-check-interval", help="seconds between folder/observer checks",
+        default=d.folder_check_interval, type=float,
     )  # fmt: skip
     add_flag(
         p, env, "--heartbeat-interval", help="idle seconds before a heartbeat",
