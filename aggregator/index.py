@@ -8,17 +8,21 @@ out. All methods are meant to be called from one owner (the event loop).
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-
-from sortedcontainers import SortedDict
+from typing import NamedTuple
 
 from aggregator.errors import LimitExceededError, UnknownWatcherError
 from aggregator.names import display_name
+from aggregator.pages import Page, SortedPages
+
+# The value types are NamedTuples, not dataclasses: a snapshot of a million files
+# creates millions of them, and a tuple is built and compared in C.
 
 
-@dataclass(frozen=True, slots=True)
-class FileMeta:
+class FileMeta(NamedTuple):
     """What the index keeps of one file besides its name."""
 
     size: int = 0
@@ -33,8 +37,7 @@ class Op(enum.Enum):
     MODIFY = "modify"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One reported change of one file."""
 
     op: Op
@@ -50,8 +53,7 @@ class EventKind(enum.Enum):
     MODIFIED = "modified"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One file of one watcher, as readers see it."""
 
     filename: str
@@ -61,8 +63,7 @@ class Entry:
     mtime_ns: int
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One applied change, with the index version it produced."""
 
     kind: EventKind
@@ -110,6 +111,7 @@ class WatcherInfo:
 
 
 _SortKey = tuple[str, str]
+_BULK_MIN = 10_000  # below this many new names, plain inserts are as fast
 
 
 class Index:
@@ -124,7 +126,8 @@ class Index:
         self._max_files = max_files_per_watcher
         self._watchers: dict[str, _Watcher] = {}
         # (display name, node) -> (raw name, meta); ordered by code point.
-        self._sorted: SortedDict = SortedDict()
+        self._keys: SortedPages[_SortKey] = SortedPages()
+        self._values: dict[_SortKey, tuple[bytes, FileMeta]] = {}
         self._version = 0
 
     # ------------------------------------------------------------ reading
@@ -135,28 +138,38 @@ class Index:
         return self._version
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return len(self._keys)
 
     def entries(self) -> Iterator[Entry]:
         """Iterate all entries in order. Do not mutate the index meanwhile."""
-        for (filename, node), (raw, meta) in self._sorted.items():
-            yield Entry(filename, node, raw, meta.size, meta.mtime_ns)
+        values = self._values
+        for key in self._keys:
+            raw, meta = values[key]
+            yield Entry(key[0], key[1], raw, meta.size, meta.mtime_ns)
+
+    def pages(self) -> list[Page[_SortKey]]:
+        """The sorted keys in pages, each with a serial that changes when the page does.
+
+        Read-only, valid until the next mutation; see `value`.
+        """
+        return self._keys.pages()
+
+    def value(self, key: _SortKey) -> tuple[bytes, FileMeta]:
+        """The raw name and meta of a key from `pages`."""
+        return self._values[key]
 
     def page_after(self, after: tuple[bytes, str] | None, limit: int) -> tuple[Entry, ...]:
         """Up to `limit` entries following the entry (raw name, node), or from the start."""
-        start = (
-            0 if after is None else self._sorted.bisect_right((display_name(after[0]), after[1]))
-        )
+        start = None if after is None else (display_name(after[0]), after[1])
         out = []
-        for key in self._sorted.keys()[start : start + limit]:
-            raw, meta = self._sorted[key]
+        for key in itertools.islice(self._keys.after(start), limit):
+            raw, meta = self._values[key]
             out.append(Entry(key[0], key[1], raw, meta.size, meta.mtime_ns))
         return tuple(out)
 
     def has_after(self, entry: Entry) -> bool:
         """Whether any entry sorts after `entry`."""
-        position: int = self._sorted.bisect_right((entry.filename, entry.node))
-        return position < len(self._sorted)
+        return next(self._keys.after((entry.filename, entry.node)), None) is not None
 
     @property
     def watcher_count(self) -> int:
@@ -165,7 +178,7 @@ class Index:
 
     def filenames(self) -> Iterator[str]:
         """Iterate the display names in order (the default `/files/` body)."""
-        for filename, _node in self._sorted:
+        for filename, _node in self._keys:
             yield filename
 
     def watcher(self, node: str) -> WatcherInfo | None:
@@ -226,10 +239,18 @@ class Index:
         events: list[Event] = []
         for name in [n for n in old if n not in new]:
             events.append(self._remove(node, w, name))
+        fresh: list[bytes] = []
         for name, meta in new.items():
-            ev = self._upsert(node, w, name, meta)
-            if ev is not None:
-                events.append(ev)
+            current = old.get(name)
+            if current is None:
+                fresh.append(name)
+            elif current != meta:
+                events.append(self._modify(node, w, name, meta))
+        if len(fresh) > _BULK_MIN and len(fresh) > len(self._keys) // 4:
+            events.extend(self._bulk_add(node, w, fresh, new))
+        else:
+            for name in fresh:
+                events.append(self._modify(node, w, name, new[name]))
         w.applied_sequence = sequence
         w.synced = True
         return tuple(events)
@@ -294,13 +315,36 @@ class Index:
             raise UnknownWatcherError(f"unknown watcher {node!r}")
         return w
 
+    def _bulk_add(
+        self, node: str, w: _Watcher, names: list[bytes], metas: Mapping[bytes, FileMeta]
+    ) -> list[Event]:
+        """Add many new names at once: one sort and one merge instead of n inserts."""
+        added = sorted(((display_name(n), node), n) for n in names)
+        events = []
+        for key, name in added:
+            meta = metas[name]
+            w.files[name] = meta
+            self._values[key] = (name, meta)
+            self._version += 1
+            entry = Entry(key[0], node, name, meta.size, meta.mtime_ns)
+            events.append(Event(EventKind.ADDED, entry, self._version))
+        self._keys.rebuild(heapq.merge(self._keys, (key for key, _ in added)))
+        return events
+
     def _upsert(self, node: str, w: _Watcher, name: bytes, meta: FileMeta) -> Event | None:
-        old = w.files.get(name)
-        if old == meta:
+        if w.files.get(name) == meta:
             return None
+        return self._modify(node, w, name, meta)
+
+    def _modify(self, node: str, w: _Watcher, name: bytes, meta: FileMeta) -> Event:
+        """Add or update a name whose meta differs from what the index holds."""
+        old = w.files.get(name)
         w.files[name] = meta
         filename = display_name(name)
-        self._sorted[(filename, node)] = (name, meta)
+        key = (filename, node)
+        if old is None:
+            self._keys.add(key)
+        self._values[key] = (name, meta)
         self._version += 1
         kind = EventKind.ADDED if old is None else EventKind.MODIFIED
         entry = Entry(filename, node, name, meta.size, meta.mtime_ns)
@@ -309,7 +353,9 @@ class Index:
     def _remove(self, node: str, w: _Watcher, name: bytes) -> Event:
         meta = w.files.pop(name)
         filename = display_name(name)
-        del self._sorted[(filename, node)]
+        key = (filename, node)
+        self._keys.remove(key)
+        del self._values[key]
         self._version += 1
         entry = Entry(filename, node, name, meta.size, meta.mtime_ns)
         return Event(EventKind.REMOVED, entry, self._version)
