@@ -202,6 +202,7 @@ class SyncClient:
             raise SyncError(await call.code(), await call.details() or "no welcome")
         welcome = first.welcome
         self.stream_state = StreamState.SYNCING
+        self._resync = False  # a request from a previous stream is answered below
         resend = st.batches_after(welcome.applied_sequence) if welcome.resume else None
         if resend is None:
             await self._send_snapshot(call)
