@@ -68,7 +68,8 @@ def check_token(token: str, metadata: Iterable[tuple[str, str | bytes]] | None) 
     presented = ""
     for key, value in metadata or ():
         if key.lower() == "authorization" and isinstance(value, str):
-            presented = value.removeprefix("Bearer ").strip()
+            scheme, _, credentials = value.partition(" ")
+            presented = credentials.strip() if scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(presented.encode(), token.encode()):
         raise UnauthenticatedError("missing or wrong token")
 
@@ -242,7 +243,7 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         self._store.metrics.watchers.labels(PROTOCOL).set(counts.get(PROTOCOL, 0))
 
     async def _serve(self, stream: _SyncStream, waiter: asyncio.Task[bool]) -> bool:
-        """Run the stream; True if it ended cleanly (with a goodbye)."""
+        """Run the stream; True if it ended cleanly (goodbye or half-close)."""
         first = await stream.read(waiter, self._hello_timeout)
         if first is grpc.aio.EOF:
             return False
@@ -252,9 +253,9 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         while True:
             msg = await stream.read(waiter)
             if msg is grpc.aio.EOF:
-                # Not proof of a clean stop: grpc also ends the reads of a peer that
-                # died (SIGKILL, reset) with EOF. Only a goodbye is clean.
-                return False
+                # grpc also ends the reads of a peer that died (SIGKILL, reset)
+                # with EOF: tell a real half-close apart before removing files.
+                return await self._half_closed(stream)
             assert isinstance(msg, pb.WatcherMessage)
             kind = msg.WhichOneof("kind")
             if kind == "batch":
@@ -272,6 +273,20 @@ class SyncService(pb_grpc.WatcherSyncServicer):
             else:
                 raise InvalidInputError("empty message")
 
+    async def _half_closed(self, stream: _SyncStream) -> bool:
+        """Whether an EOF is a clean half-close, not a cancelled or broken call.
+
+        A half-closed call can still be written to; on a cancelled or broken
+        one the write fails, or grpc cancels this handler meanwhile.
+        """
+        info = self._store.index.watcher(stream.node)
+        ack = pb.Ack(applied_sequence=info.applied_sequence if info else 0)
+        try:
+            await stream.context.write(pb.AggregatorMessage(ack=ack))
+        except Exception:  # the call is gone: not a clean close
+            return False
+        return True
+
     async def _hello(self, stream: _SyncStream, hello: pb.Hello) -> None:
         for field_name in ("node", "epoch"):
             value = getattr(hello, field_name)
@@ -281,8 +296,12 @@ class SyncService(pb_grpc.WatcherSyncServicer):
                 )
         index = self._store.index
         info = index.watcher(hello.node)
-        if info is None and index.watcher_count >= self._max_watchers:
-            raise LimitExceededError(f"at most {self._max_watchers} watchers")
+        if info is None and hello.node not in self._owners:
+            # Streams still sending their first snapshot hold a place too:
+            # otherwise any number of new watchers saying hello at once get in.
+            pending = sum(1 for node in self._owners if index.watcher(node) is None)
+            if index.watcher_count + pending >= self._max_watchers:
+                raise LimitExceededError(f"at most {self._max_watchers} watchers")
         previous = self._owners.get(hello.node)
         if previous is not None and previous.epoch != hello.epoch:
             raise ConflictError(

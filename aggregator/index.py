@@ -344,6 +344,8 @@ class Index:
         key = (filename, node)
         if old is None:
             self._keys.add(key)
+        else:
+            self._keys.touch(key)  # the page's detail encoding is stale now
         self._values[key] = (name, meta)
         self._version += 1
         kind = EventKind.ADDED if old is None else EventKind.MODIFIED

@@ -164,7 +164,8 @@ class LegacyGuard:
         """Raise UnauthenticatedError unless the request may ingest."""
         auth = request.headers.get("Authorization")
         if auth is not None and self._token:
-            presented = auth.removeprefix("Bearer ").strip()
+            scheme, _, credentials = auth.partition(" ")
+            presented = credentials.strip() if scheme.lower() == "bearer" else ""
             if hmac.compare_digest(presented.encode(), self._token.encode()):
                 return
             raise UnauthenticatedError("wrong token")

@@ -100,6 +100,13 @@ class SortedPages(Generic[K]):
         page.serial = next(_serials)
         self._maxes[i] = page.keys[-1]
 
+    def touch(self, key: K) -> None:
+        """Re-stamp the page holding `key` (present): its value changed, not its keys."""
+        i = bisect_left(self._maxes, key)
+        if i == len(self._pages):
+            raise KeyError(key)
+        self._pages[i].serial = next(_serials)
+
     def rebuild(self, keys: Iterable[K]) -> None:
         """Replace the content with `keys`, which must be sorted and unique (bulk load)."""
         ordered = list(keys)

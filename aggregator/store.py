@@ -28,7 +28,10 @@ class Subscriber:
     """One WatchFiles reader: a bounded queue of events; None in it means closed."""
 
     def __init__(self, maxsize: int) -> None:
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize + 1)
+        # Bounded by Store.publish, not here: one publish (a big batch or
+        # snapshot) may hold more than `maxsize` events and must still reach a
+        # reader that has read everything before it.
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.maxsize = maxsize
         self.reason: str | None = None
         self.slow = False
@@ -167,7 +170,7 @@ class Store:
             return
         self._history.extend(events)
         for sub in list(self._subscribers):
-            if sub.queue.qsize() + len(events) > sub.maxsize:
+            if sub.queue.qsize() >= sub.maxsize:  # `maxsize` events unread: too slow
                 self.metrics.readers_dropped.inc()
                 sub.close("reader too slow: its queue of events is full", slow=True)
                 self._subscribers.discard(sub)

@@ -102,10 +102,16 @@ class Watcher:
         now = time.time_ns()
         changed, touched = self.state.finish_scan(scanned, now)
         if touched:  # events raced the scan: ask the file system again
-            fresh = await asyncio.to_thread(
-                lambda: [(n, stat_file(self.folder, n)) for n in touched]
-            )
-            self._on_fs(fresh, now)
+            # Events can race this second look too: a name they touch meanwhile
+            # is left to them, as their stat may be newer than ours.
+            self.state.begin_scan()
+            try:
+                fresh = await asyncio.to_thread(
+                    lambda: [(n, stat_file(self.folder, n)) for n in touched]
+                )
+            finally:
+                again = self.state.end_scan()
+            self._on_fs([(n, st) for n, st in fresh if n not in again], now)
         if changed:
             self._wake.set()
         return changed

@@ -149,6 +149,11 @@ class SyncClient:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.enable_retries", 0),
+            # The channel's own reconnect backoff (1 s growing to 120 s by default)
+            # must not outlast ours, or a restarted aggregator waits for minutes.
+            ("grpc.initial_reconnect_backoff_ms", int(self._reconnect_min * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(self._reconnect_min * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self._reconnect_max * 1000)),
         ]
         async with grpc.aio.insecure_channel(self._target, options=options) as channel:
             stub = pb_grpc.WatcherSyncStub(channel)

@@ -86,6 +86,12 @@ class FolderState:
         """Start tracking names touched by events while a scan runs."""
         self._touched = set()
 
+    def end_scan(self) -> set[bytes]:
+        """Stop tracking without merging a scan; returns the names touched since `begin_scan`."""
+        touched = self._touched or set()
+        self._touched = None
+        return touched
+
     def finish_scan(
         self, scanned: dict[bytes, FileStat], observed_ns: int
     ) -> tuple[int, set[bytes]]:
