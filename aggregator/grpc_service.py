@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import grpc
 import orjson
 import structlog
+from google.protobuf.message import DecodeError
 
 from aggregator.errors import (
     AggregatorError,
@@ -151,7 +152,10 @@ class _SyncStream:
             {reader, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
         if reader in done:
-            return reader.result()
+            try:
+                return reader.result()
+            except DecodeError as exc:
+                raise InvalidInputError(f"malformed message: {exc}") from exc
         reader.cancel()
         if self.stop_reason is not None:
             raise self.stop_reason
@@ -377,6 +381,10 @@ class SyncService(pb_grpc.WatcherSyncServicer):
             raise InvalidInputError("batch sent inside a snapshot")
         if stream.awaiting_snapshot:
             return  # in flight before our resync request; the snapshot covers it
+        if self._store.index.watcher(stream.node) is None:
+            # Changes to a list we do not hold: we need the list first.
+            await self._resync(stream, "gap", 0)
+            return
         result = self._store.apply_batch(
             stream.node,
             stream.epoch,
