@@ -106,6 +106,10 @@ class Aggregator:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", keepalive_ms),
                 ("grpc.keepalive_timeout_ms", keepalive_ms),
+                # A keepalive ping that finds another ping in flight waits for that
+                # one, whose timeout is this (default 60 s): half-open links would
+                # go unnoticed for a minute.
+                ("grpc.http2.ping_timeout_ms", keepalive_ms),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
                 # Watchers ping every --keepalive seconds; allow down to 1 s.

@@ -75,6 +75,8 @@ class _Instance:
     needs_fetch: bool = True
     buffered: dict[int, list[_Pending]] = field(default_factory=dict)
     gap_since: float | None = None
+    refused: str = ""  # why its list could not be installed (a limit), if it could not
+    last_hello: float = 0.0
 
 
 @dataclass(slots=True)
@@ -155,25 +157,26 @@ class LegacyIngest:
             index = self._store.index
             if index.watcher(node) is None and index.watcher_count >= self._max_watchers:
                 raise LimitExceededError(f"at most {self._max_watchers} watchers")
-            previous = self._by_node.get(node)
-            if previous is not None:
-                # A restarted watcher on the same address: the old instance is gone;
-                # its files stay visible until the new list is swapped in.
-                self._drop(previous, now)
             rec = _Instance(instance, node, host, port)
             self._instances[instance] = rec
-            self._by_node[node] = instance
+            # A new instance on an address held by a live one: a restart, or a lie.
+            # It takes the node only once the list fetched from that address names it
+            # (in _fetch); until then the live instance keeps it.
+            self._by_node.setdefault(node, instance)
             held = self._held.pop(instance, None)
             if held is not None:
                 for pending in held.ops:
                     rec.buffered.setdefault(pending.op.seqno, []).append(pending)
             log.info("legacy_hello_new", node=node, instance=instance)
+        rec.last_hello = now
         self._liveness.seen(rec.node, PROTOCOL, now)
         announced = max(rec.buffered, default=rec.applied)
         self._store.position(rec.node, announced, rec.applied)
         self._update_gauge()
         if rec.needs_fetch and not rec.fetching:
             self._start_fetch(rec, "new_instance" if not rec.synced else "refetch")
+        if rec.refused:
+            raise LimitExceededError(rec.refused)
 
     def bye(self, instance: str, host: str) -> int:
         """POST /bye from `host`: the instance's files go at once; it stays gone."""
@@ -294,14 +297,36 @@ class LegacyIngest:
         rec.fetching = False
         if self._instances.get(rec.instance) is not rec:
             return  # bye'd or replaced while we fetched
+        owner = self._by_node.get(rec.node)
+        if listing.instance != rec.instance and owner not in (None, rec.instance):
+            # Not a restart: the watcher on that port is still `owner`.
+            self._instances.pop(rec.instance, None)
+            self._gone[rec.instance] = self._clock() + self._liveness.ttl
+            self._store.metrics.errors.labels("legacy_instance_mismatch").inc()
+            log.warning("legacy_hello_not_confirmed", node=rec.node, instance=rec.instance)
+            return
         if listing.instance != rec.instance:
             rec.needs_fetch = True
             self._store.metrics.errors.labels("legacy_instance_mismatch").inc()
             log.warning("legacy_instance_mismatch", node=rec.node, listed=listing.instance)
             return
+        if owner is not None and owner != rec.instance:
+            self._drop(owner, self._clock())  # a confirmed restart: the old instance goes
+        self._by_node[rec.node] = rec.instance
         index = self._store.index
-        index.begin_snapshot(rec.node, rec.instance)
-        index.extend_snapshot(rec.node, ((name, FileMeta()) for name in listing.names))
+        try:
+            index.begin_snapshot(rec.node, rec.instance)
+            index.extend_snapshot(rec.node, ((name, FileMeta()) for name in listing.names))
+        except LimitExceededError as err:
+            index.abort_snapshot(rec.node)
+            info = index.watcher(rec.node)
+            if info is not None and not info.synced:
+                self._store.remove_watcher(rec.node)
+            rec.refused, rec.needs_fetch = str(err), True
+            self._store.metrics.errors.labels("LimitExceededError").inc()
+            log.warning("legacy_list_refused", node=rec.node, error=str(err))
+            return
+        rec.refused = ""
         events = self._store.commit_snapshot(rec.node, listing.seqno, reason)
         if reason != "new_instance":
             self._store.metrics.resyncs.labels(reason).inc()
@@ -333,6 +358,9 @@ class LegacyIngest:
                 )
                 self._start_fetch(rec, "gap")
         ttl = self._liveness.ttl
+        for rec in list(self._instances.values()):  # unconfirmed candidates that went quiet
+            if self._by_node.get(rec.node) != rec.instance and now - rec.last_hello > ttl:
+                del self._instances[rec.instance]
         for instance in [i for i, h in self._held.items() if now - h.first_seen > ttl]:
             del self._held[instance]
             self._store.metrics.errors.labels("held_expired").inc()

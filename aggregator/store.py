@@ -24,14 +24,81 @@ from common.tracing import extract
 _OP_LABEL = {EventKind.ADDED: "add", EventKind.REMOVED: "remove", EventKind.MODIFIED: "modify"}
 
 
+class EventQueue:
+    """A reader's unread events, as references to the published tuples.
+
+    One publish is one shared, immutable tuple: a snapshot of a million files
+    costs each reader one reference, not a million. `qsize()` counts events.
+    """
+
+    def __init__(self) -> None:
+        self._parts: deque[tuple[Event, ...] | None] = deque()
+        self._offset = 0  # events of _parts[0] already read
+        self._size = 0
+        self._ready = asyncio.Event()
+
+    def qsize(self) -> int:
+        """Unread events."""
+        return self._size
+
+    def empty(self) -> bool:
+        """Nothing to read (not even the end marker)."""
+        return not self._parts
+
+    def put_many(self, events: tuple[Event, ...]) -> None:
+        """Append one published tuple (shared, never copied)."""
+        if events:
+            self._parts.append(events)
+            self._size += len(events)
+            self._ready.set()
+
+    def put_nowait(self, item: Event | None) -> None:
+        """Append one event, or None: the end."""
+        if item is None:
+            self._parts.append(None)
+            self._ready.set()
+        else:
+            self.put_many((item,))
+
+    def get_nowait(self) -> Event | None:
+        """The next event (or None at the end); raises asyncio.QueueEmpty."""
+        if not self._parts:
+            raise asyncio.QueueEmpty
+        part = self._parts[0]
+        if part is None:
+            self._parts.popleft()
+            return None
+        event = part[self._offset]
+        self._offset += 1
+        self._size -= 1
+        if self._offset == len(part):
+            self._parts.popleft()
+            self._offset = 0
+        if not self._parts:
+            self._ready.clear()
+        return event
+
+    async def get(self) -> Event | None:
+        """Wait for the next event (or None at the end)."""
+        while not self._parts:
+            await self._ready.wait()
+        return self.get_nowait()
+
+    def clear(self) -> None:
+        """Drop everything unread."""
+        self._parts.clear()
+        self._offset = self._size = 0
+        self._ready.clear()
+
+
 class Subscriber:
-    """One WatchFiles reader: a bounded queue of events; None in it means closed."""
+    """One WatchFiles reader: its unread events; None in them means closed."""
 
     def __init__(self, maxsize: int) -> None:
         # Bounded by Store.publish, not here: one publish (a big batch or
         # snapshot) may hold more than `maxsize` events and must still reach a
-        # reader that has read everything before it.
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        # reader that has read everything before it; it is shared, not copied.
+        self.queue = EventQueue()
         self.maxsize = maxsize
         self.reason: str | None = None
         self.slow = False
@@ -42,8 +109,7 @@ class Subscriber:
             return
         self.reason = reason
         self.slow = slow
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.queue.clear()
         self.queue.put_nowait(None)
 
 
@@ -175,8 +241,7 @@ class Store:
                 sub.close("reader too slow: its queue of events is full", slow=True)
                 self._subscribers.discard(sub)
                 continue
-            for ev in events:
-                sub.queue.put_nowait(ev)
+            sub.queue.put_many(events)
         self.metrics.readers.set(len(self._subscribers))
 
     def subscribe(self) -> Subscriber:

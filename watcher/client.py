@@ -146,6 +146,9 @@ class SyncClient:
         options = [
             ("grpc.keepalive_time_ms", int(self._keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", int(self._keepalive * 1000)),
+            # A keepalive ping that finds another ping in flight (BDP probing) waits
+            # for that one, whose timeout is this (default 60 s), not the above.
+            ("grpc.http2.ping_timeout_ms", int(self._keepalive * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.enable_retries", 0),

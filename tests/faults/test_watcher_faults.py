@@ -1,0 +1,297 @@
+"""Faults inside a watcher: lost file-system events, a dead observer, a folder that goes.
+
+How each fault is made real:
+- dropped events: the watcher is stopped (SIGSTOP) while enough files are
+  written to overflow the kernel's inotify queue (16,384 events by default,
+  so ~10,000 files): the kernel drops events and watchdog logs the overflow. Also a
+  file modified through a hard link outside the folder, which inotify on the
+  folder never reports.
+- a dead observer thread: the watcher runs under a `python -c` shim that makes
+  watchdog's handler raise once (on a file named kill-observer), which ends
+  watchdog's dispatch thread exactly as any unexpected exception would.
+- the folder deleted, replaced (an atomic exchange with another folder, as a
+  deployment would do) or unreadable (chmod 000, the watcher running as an
+  unprivileged user when the tests run as root).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import (
+    SYNC_TIMEOUT,
+    Aggregator,
+    AggregatorFactory,
+    Watcher,
+    WatcherFactory,
+    fill,
+    folder_names,
+    measured,
+    wait_for,
+)
+
+CHECK = 0.3
+"""The watchers' --folder-check-interval here."""
+SLACK = 3.0
+QUIET_RESCAN = ("--rescan-interval", "120")
+"""No periodic rescan within a test: whatever shows up promptly came from the observer."""
+
+OBSERVER_KILLER = """
+import runpy, sys
+import watcher.fs_events as fs
+
+_original = fs._Handler.on_any_event
+_fired = []
+
+def on_any_event(self, event):
+    if not _fired and "kill-observer" in str(event.src_path):
+        _fired.append(True)
+        raise RuntimeError("injected fault: the observer thread dies")
+    return _original(self, event)
+
+fs._Handler.on_any_event = on_any_event
+sys.argv = ["watcher", *sys.argv[1:]]
+runpy.run_module("watcher", run_name="__main__", alter_sys=True)
+"""
+
+
+def _listed(agg: Aggregator, node: str, folder: Path, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    wait_for(
+        lambda: agg.node_files(node),
+        timeout,
+        until=lambda files: files == folder_names(folder),
+        what=what,
+    )
+    return time.monotonic() - start
+
+
+def _inotify_queue_limit() -> int:
+    try:
+        return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    except (OSError, ValueError):
+        return 16384
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False if unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0)
+
+
+@pytest.mark.timeout(60)
+def test_events_dropped_by_the_kernel_are_repaired_by_the_rescan_logged_and_counted(
+    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "w"
+    fill(folder, 10)
+    agg = start_aggregator(ttl=30.0)
+    w = start_watcher(folder, agg.grpc_url, "--rescan-interval", "0.5", name="w")
+    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+
+    # At least 2 inotify events per file written (create, close): beyond the kernel's queue.
+    burst = _inotify_queue_limit() // 2 + 2000
+    if burst > 60_000:
+        pytest.skip(f"the inotify queue holds {burst * 2} events: too many files to overflow it")
+    w.proc.send(signal.SIGSTOP)
+    try:
+        fill(folder, burst, "burst")
+    finally:
+        w.proc.send(signal.SIGCONT)
+    resumed = time.monotonic()
+    took = _listed(agg, "w", folder, 0.6 + SLACK + 10, "the burst listed after the overflow")
+    measured(f"inotify overflow ({burst} files, rescan 0.5 s) -> list repaired", took)
+    assert "Inotify queue overflowed" in w.proc.log_text(), "the kernel really dropped events"
+    repaired = w.proc.wait_event("rescan_repaired", timeout=1.0)
+    assert repaired["changes"] > 0
+    assert w.metric("filewatch_watcher_rescan_changes_total") >= repaired["changes"]
+    assert time.monotonic() - resumed < 30
+
+    # A change inotify on the folder never reports: a write through a hard link elsewhere.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.link(folder / "f00000.txt", outside / "link.txt")
+    before = w.metric("filewatch_watcher_rescan_changes_total")
+    (outside / "link.txt").write_bytes(b"x" * 4321)
+
+    def size() -> object:
+        entry = [e for e in agg.entries() if e["filename"] == "f00000.txt"]
+        return entry[0]["size"] if entry else None
+
+    wait_for(size, 0.6 + SLACK, until=lambda s: s == 4321, what="the new size via the rescan")
+    assert w.metric("filewatch_watcher_rescan_changes_total") == before + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
+    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "w"
+    fill(folder, 10)
+    agg = start_aggregator(ttl=30.0)
+    w = start_watcher(
+        folder,
+        agg.grpc_url,
+        *QUIET_RESCAN,
+        "--folder-check-interval", str(CHECK),
+        name="w",
+        code=OBSERVER_KILLER,
+    )  # fmt: skip
+    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+
+    died = time.monotonic()
+    (folder / "kill-observer").write_text("boom")
+    wait_for(
+        lambda: "injected fault: the observer thread dies" in w.proc.log_text(),
+        5,
+        what="the observer thread to die",
+    )
+    fill(folder, 20, "unseen")  # nobody watches now
+    os.unlink(folder / "f00000.txt")
+    w.proc.wait_event("observer_restarted", timeout=CHECK + SLACK)
+    _listed(agg, "w", folder, CHECK + SLACK, "what the dead observer missed")
+    measured("observer thread died -> restarted, list repaired", time.monotonic() - died)
+    repaired = w.proc.wait_event("rescan_repaired", timeout=1.0)
+    assert repaired["changes"] >= 21
+    assert w.metric("filewatch_watcher_rescan_changes_total") >= 21
+
+    # The new observer reports at once (no periodic rescan runs in this test).
+    (folder / "after-restart.txt").write_text("a")
+    took = _listed(agg, "w", folder, SYNC_TIMEOUT, "a change seen by the new observer")
+    assert took < 5
+
+
+@pytest.mark.timeout(60)
+def test_a_deleted_folder_is_reported_and_followed_when_it_comes_back(
+    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "w"
+    fill(folder, 20)
+    agg = start_aggregator(ttl=30.0)
+    w = start_watcher(
+        folder, agg.grpc_url, *QUIET_RESCAN, "--folder-check-interval", str(CHECK), name="w"
+    )
+    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+
+    deleted = time.monotonic()
+    shutil.rmtree(folder)
+    missing = w.proc.wait_event("folder_missing", timeout=CHECK + SLACK)
+    assert missing["level"] == "error"
+    wait_for(w.healthz, SLACK, until=lambda h: h["folder_state"] == "missing", what="healthz")
+    assert w.own_files() == []
+    wait_for(lambda: agg.node_files("w"), SLACK, until=lambda f: f == [], what="no files listed")
+    measured("folder deleted -> reported missing, nothing listed", time.monotonic() - deleted)
+    assert w.proc.alive
+
+    back = time.monotonic()
+    fill(folder, 5, "second-life")
+    w.proc.wait_event("folder_back", timeout=CHECK + SLACK)
+    _listed(agg, "w", folder, CHECK + SLACK, "the folder back")
+    measured("folder recreated -> listed again", time.monotonic() - back)
+    assert w.healthz()["folder_state"] == "ok"
+    (folder / "seen-by-the-new-observer.txt").write_text("a")
+    assert _listed(agg, "w", folder, SYNC_TIMEOUT, "a change in the new folder") < 5
+
+
+@pytest.mark.timeout(60)
+def test_a_replaced_folder_is_followed_and_the_old_one_forgotten(
+    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+) -> None:
+    folder, other = tmp_path / "w", tmp_path / "replacement"
+    fill(folder, 20)
+    fill(other, 7, "replacement")
+    agg = start_aggregator(ttl=30.0)
+    w = start_watcher(
+        folder, agg.grpc_url, *QUIET_RESCAN, "--folder-check-interval", str(CHECK), name="w"
+    )
+    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+
+    replaced = time.monotonic()
+    atomic = _exchange(folder, other)  # `other` now holds the old folder
+    if not atomic:
+        os.rename(folder, tmp_path / "old")
+        os.rename(other, folder)
+        other = tmp_path / "old"
+    back = w.proc.wait_event("folder_back", timeout=CHECK + SLACK)
+    if atomic:
+        assert back["replaced"] is True
+    _listed(agg, "w", folder, CHECK + SLACK, "the replacement folder listed")
+    measured("folder replaced (atomic exchange) -> new folder listed", time.monotonic() - replaced)
+
+    (other / "in-the-old-folder.txt").write_text("a")
+    (folder / "in-the-new-folder.txt").write_text("a")
+    assert _listed(agg, "w", folder, SYNC_TIMEOUT, "a change in the new folder") < 5
+    time.sleep(0.5)  # would the old folder's change still arrive? (nothing to poll for)
+    assert "in-the-old-folder.txt" not in agg.node_files("w")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder outside the (root-only) pytest tmp tree, readable by an unprivileged user."""
+    path = Path(tempfile.mkdtemp(prefix="filewatch-faults-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for sub in path.iterdir():
+            sub.chmod(0o755)
+        shutil.rmtree(path)
+
+
+@pytest.mark.timeout(60)
+def test_an_unreadable_folder_is_reported_and_recovered(
+    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, shared_dir: Path
+) -> None:
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:  # root reads anything: run the watcher as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a folder unreadable")
+        prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    folder = shared_dir / "w"
+    fill(folder, 10)
+    folder.chmod(0o755)
+    for child in folder.iterdir():
+        child.chmod(0o644)
+    agg = start_aggregator(ttl=30.0)
+    w: Watcher = start_watcher(
+        folder,
+        agg.grpc_url,
+        "--rescan-interval", "0.5",
+        "--folder-check-interval", str(CHECK),
+        name="w",
+        prefix=prefix,
+    )  # fmt: skip
+    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+
+    folder.chmod(0)
+    blocked = time.monotonic()
+    failed = w.proc.wait_event("rescan_failed", timeout=0.6 + SLACK)
+    assert failed["level"] == "error" and failed["folder_state"] == "unreadable", failed
+    assert w.healthz()["folder_state"] == "unreadable"
+    measured("folder unreadable -> reported", time.monotonic() - blocked)
+    fill(folder, 3, "while-unreadable")
+    assert w.proc.alive
+
+    folder.chmod(0o755)
+    for child in folder.iterdir():
+        child.chmod(0o644)
+    readable = time.monotonic()
+    w.proc.wait_event("folder_ok", timeout=0.6 + SLACK)
+    _listed(agg, "w", folder, 0.6 + SLACK, "the folder listed once readable")
+    measured("folder readable again -> list equals folder", time.monotonic() - readable)
+    assert w.healthz()["folder_state"] == "ok"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
