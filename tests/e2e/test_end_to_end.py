@@ -13,6 +13,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tests.support import Reply, http_get, wait_for
+
 from .conftest import (
     SAMPLE_FILES,
     START_TIMEOUT,
@@ -21,10 +23,7 @@ from .conftest import (
     AggregatorFactory,
     Cluster,
     ClusterFactory,
-    HttpResponse,
     WatcherFactory,
-    http_get,
-    wait_for,
 )
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
@@ -314,7 +313,7 @@ def test_etag_304_and_gzip(cluster: Cluster) -> None:
         write(cluster.folders.folder2 / name)
     wait_listed(agg, sorted([*SAMPLE_FILES, "changed.txt", *many]))
 
-    def both() -> tuple[HttpResponse, HttpResponse]:
+    def both() -> tuple[Reply, Reply]:
         plain = agg.get("/files/")
         zipped = agg.get("/files/", {"Accept-Encoding": "gzip"})
         return plain, zipped

@@ -18,8 +18,9 @@ from typing import Any
 import grpc
 
 from gen import filewatch_pb2, filewatch_pb2_grpc
+from tests.support import wait_for
 
-from .conftest import SAMPLE_FILES, SYNC_TIMEOUT, Cluster, wait_for
+from .conftest import SAMPLE_FILES, SYNC_TIMEOUT, Cluster
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 GRPCURL_TIMEOUT = 60.0

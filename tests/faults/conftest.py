@@ -1,9 +1,9 @@
 """Harness of the fault tests: real processes, real sockets, a proxy the test controls.
 
-- `Processes` starts `python -m aggregator` / `python -m watcher` (sys.executable,
-  output to a log file under the test's tmp_path), learns their ports from their
-  JSON "started" log lines, and stops exactly what it started, by PID, last
-  started first: SIGTERM, a bounded wait, SIGKILL. Everything binds 127.0.0.1.
+- `Processes` (the shared `tests.support.ProcessTracker`, children in the repository
+  root) starts `python -m aggregator` / `python -m watcher`; `start_aggregator_in` /
+  `start_watcher_in` learn their ports from their JSON "started" log lines.
+  Everything binds 127.0.0.1.
 - `TcpProxy` is a loopback TCP proxy on its own asyncio loop in a thread, so
   that blocking tests can drive it: `forward()`, `cut()` (close every connection
   and refuse new ones), `stall()` (accept and keep connections open but forward
@@ -11,8 +11,8 @@
 - `RawSync` is a hand-driven gRPC `Sync` stream (the raw proto stubs): a test
   sends exactly the messages it wants, malformed or out of order, and reads
   exactly what comes back.
-- `wait_for` / `wait_for_async` poll until a condition holds and fail with the
-  last observed value; nothing here sleeps for correctness.
+- `wait_for` / `wait_for_async` (tests.support) poll until a condition holds and
+  fail with the last observed value; nothing here sleeps for correctness.
 - `measured(what, value, unit)` records a convergence time (or a size); the summary
   prints them all.
 """
@@ -22,95 +22,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import http.client
-import json
 import os
 import queue
 import random
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gen import filewatch_pb2 as pb
+from tests.support import (
+    HOST,
+    ROOT,
+    AggregatorPorts,
+    Proc,
+    ProcessTracker,
+    Reply,
+    aggregator_ports,
+    attach_logs_on_failure,
+    http_request,
+    port_of,
+    tracked,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
-POLL_INTERVAL = 0.02
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 SYNC_TIMEOUT = 10.0
 """Bound on "a change shows up in GET /files/" when nothing is broken."""
 
-T = TypeVar("T")
 
 MEASURED: list[tuple[str, float, str]] = []
 """(what, value, unit) measured by the tests (convergence times, memory), printed at the end."""
 
 
-# ---------------------------------------------------------------- polling
-
-
-def _short(value: object, limit: int = 2000) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
-
-
-def wait_for(
-    probe: Callable[[], T],
-    timeout: float,
-    *,
-    until: Callable[[T], bool] = bool,
-    what: str = "the condition",
-    interval: float = POLL_INTERVAL,
-) -> T:
-    """Call `probe` every `interval` s until `until(value)` holds, and return that value.
-
-    Fails the test after `timeout` seconds with the last value observed.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if until(value):
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
-                pytrace=False,
-            )
-        time.sleep(interval)
-
-
-async def wait_for_async(
-    probe: Callable[[], Any],
-    timeout: float,
-    *,
-    until: Callable[[Any], bool] = bool,
-    what: str = "the condition",
-    interval: float = POLL_INTERVAL,
-) -> Any:
-    """`wait_for` for coroutines (`probe` returns an awaitable); the loop runs between polls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if until(value):
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
-                pytrace=False,
-            )
-        await asyncio.sleep(interval)
+# ---------------------------------------------------------------- measurements
 
 
 def measured(what: str, value: float, unit: str = "s") -> float:
@@ -119,44 +69,7 @@ def measured(what: str, value: float, unit: str = "s") -> float:
     return value
 
 
-# ---------------------------------------------------------------- HTTP
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One HTTP response, read whole; header names lower-cased."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """The body parsed as JSON."""
-        return json.loads(self.body)
-
-
-def http_request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: Mapping[str, str] | None = None,
-    *,
-    timeout: float = 5.0,
-    source: str | None = None,
-    host: str = HOST,
-) -> Reply:
-    """One request to http://host:port; from the local address `source` if given."""
-    conn = http.client.HTTPConnection(
-        host, port, timeout=timeout, source_address=(source, 0) if source else None
-    )
-    try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
-        resp = conn.getresponse()
-        data = resp.read()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-    finally:
-        conn.close()
+# ---------------------------------------------------------------- metrics
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -172,205 +85,19 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 # ---------------------------------------------------------------- processes
 
 
-def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
-    """Our environment without flag twins or telemetry endpoints, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEWATCH_", "OTEL_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra or {})
-    return env
-
-
-@dataclass
-class Proc:
-    """One child process and its log file."""
-
-    role: str
-    argv: list[str]
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    ready: bool = False
-    """Set once it logged its start line: from then on it must stop cleanly on SIGTERM."""
-
-    @property
-    def pid(self) -> int:
-        """Its PID."""
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        """Whether it still runs."""
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        """Everything it wrote so far."""
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
-        """Its JSON log lines, optionally only event `name` with matching fields."""
-        out: list[dict[str, Any]] = []
-        for line in self.log_text().splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # a line being written right now
-            if not isinstance(item, dict):
-                continue
-            if name is not None and item.get("event") != name:
-                continue
-            if all(item.get(k) == v for k, v in fields.items()):
-                out.append(item)
-        return out
-
-    def count(self, name: str, **fields: Any) -> int:
-        """How many times it logged event `name` (with matching fields)."""
-        return len(self.events(name, **fields))
-
-    def wait_event(
-        self, name: str, timeout: float = START_TIMEOUT, *, after: int = 0, **fields: Any
-    ) -> dict[str, Any]:
-        """Poll the log for occurrence number `after + 1` of event `name`.
-
-        Fails at once if the process exits first.
-        """
-
-        def probe() -> dict[str, Any] | None:
-            found = self.events(name, **fields)
-            if len(found) > after:
-                return found[after]
-            if not self.alive:
-                pytest.fail(
-                    f"{self.role} (pid {self.pid}) exited with {self.popen.returncode} before "
-                    f"logging {name!r} {fields or ''}; its log:\n{self.log_text()[-5000:]}",
-                    pytrace=False,
-                )
-            return None
-
-        found = wait_for(probe, timeout, what=f"{self.role} to log {name!r} {fields or ''}")
-        assert found is not None
-        return found
-
-    def send(self, sig: signal.Signals) -> None:
-        """Send one signal to it (by PID), if it still runs."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        self.send(signal.SIGKILL)
-        self.popen.wait(STOP_TIMEOUT)
-
-    def stop(self) -> int:
-        """SIGTERM, a bounded wait, then SIGKILL; returns the exit code."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                return self.popen.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.popen.send_signal(signal.SIGKILL)
-                self.popen.wait(STOP_TIMEOUT)
-        return self.popen.returncode
-
-    def rss_kib(self) -> int:
-        """Its resident set size (VmRSS, KiB) from /proc/<pid>/status."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError(f"no VmRSS for pid {self.pid}")
-
-
-class Processes:
-    """Starts children and stops exactly those, by PID, last started first."""
+class Processes(ProcessTracker):
+    """The shared `ProcessTracker`, its children running in the repository root."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[Proc] = []
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def spawn(
-        self,
-        role: str,
-        args: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        prefix: Sequence[str] = (),
-    ) -> Proc:
-        """Start `[prefix...] python args...`, stdout and stderr to a fresh log file."""
-        argv = [*prefix, sys.executable, *args]
-        log_path = self.log_dir / f"{len(self.procs):02d}-{role}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=_child_env(env),
-                start_new_session=True,  # only our signals reach it
-            )
-        proc = Proc(role, argv, popen, log_path)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> list[str]:
-        """Stop every child still running, LIFO; returns what went wrong."""
-        problems = []
-        for proc in reversed(self.procs):
-            if proc.popen.poll() is not None:
-                continue
-            # A stopped (SIGSTOP) child must run again to hear SIGTERM.
-            proc.send(signal.SIGCONT)
-            proc.popen.send_signal(signal.SIGTERM)
-            try:
-                code = proc.popen.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.popen.send_signal(signal.SIGKILL)
-                proc.popen.wait(STOP_TIMEOUT)
-                problems.append(f"{proc.role} (pid {proc.pid}) ignored SIGTERM; killed")
-                continue
-            if code != 0 and proc.ready:
-                problems.append(f"{proc.role} (pid {proc.pid}) exited {code} on SIGTERM")
-        return problems
-
-    def log_tails(self, lines: int = 60) -> str:
-        """The end of every child's log, for a failure report."""
-        parts = []
-        for proc in self.procs:
-            tail = proc.log_text().splitlines()[-lines:]
-            parts.append(f"===== {proc.log_path.name} (pid {proc.pid}) =====\n" + "\n".join(tail))
-        return "\n".join(parts)
-
-
-def _port_of(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
+        super().__init__(log_dir, cwd=ROOT)
 
 
 @dataclass
-class Aggregator:
-    """A running `python -m aggregator` and the ports it bound."""
+class Aggregator(AggregatorPorts):
+    """A running `python -m aggregator`, the ports it bound, its TTL and extra flags."""
 
-    proc: Proc
-    http_port: int
-    grpc_port: int
     ttl: float
     extra: tuple[str, ...] = ()
-
-    @property
-    def grpc_target(self) -> str:
-        """HOST:PORT of its gRPC server."""
-        return f"{HOST}:{self.grpc_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        """Its gRPC address as a watcher's -aggregator flag wants it."""
-        return f"grpc://{self.grpc_target}"
-
-    @property
-    def http_url(self) -> str:
-        """Its legacy/HTTP base URL."""
-        return f"http://{HOST}:{self.http_port}"
 
     def request(
         self,
@@ -390,19 +117,6 @@ class Aggregator:
         assert reply.status == 200, reply
         files: list[dict[str, Any]] = reply.json()["files"]
         return files
-
-    def files(self) -> list[str]:
-        """The filenames of GET /files/, in the order served."""
-        reply = self.request("GET", "/files/")
-        assert reply.status == 200, reply
-        return [item["filename"] for item in reply.json()["files"]]
-
-    def try_files(self) -> list[str] | None:
-        """`files()`, or None while it cannot be reached."""
-        try:
-            return self.files()
-        except OSError:
-            return None
 
     def node_files(self, node: str) -> list[str]:
         """The filenames it lists for one watcher, in its order."""
@@ -512,9 +226,7 @@ def start_aggregator_in(
     )  # fmt: skip
     started = proc.wait_event("aggregator_started")
     proc.ready = True
-    return Aggregator(
-        proc, _port_of(started["http"][0]), _port_of(started["grpc"]), ttl, tuple(extra)
-    )
+    return Aggregator(proc, *aggregator_ports(started), ttl, tuple(extra))
 
 
 def restart_aggregator_in(procs: Processes, old: Aggregator) -> Aggregator:
@@ -566,7 +278,7 @@ def start_watcher_in(
     started = proc.wait_event("watcher_started")
     proc.ready = True
     node = name or str(started.get("node", ""))
-    return Watcher(proc, folder, node, _port_of(started["http"]), str(started["instance"]))
+    return Watcher(proc, folder, node, port_of(started["http"]), str(started["instance"]))
 
 
 # ---------------------------------------------------------------- folders
@@ -1017,21 +729,11 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------- fixtures
 
-_PROCS = pytest.StashKey[Processes]()
-
 
 @pytest.fixture
 def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]:
     """The children of this test; all stopped at teardown (LIFO, by PID)."""
-    tracker = Processes(tmp_path / "logs")
-    request.node.stash[_PROCS] = tracker
-    yield tracker
-    problems = tracker.stop_all()
-    if problems:
-        pytest.fail(
-            "unclean shutdown: " + "; ".join(problems) + "\n" + tracker.log_tails(),
-            pytrace=False,
-        )
+    yield from tracked(request.node, Processes(tmp_path / "logs"))
 
 
 @pytest.fixture
@@ -1116,16 +818,7 @@ def channels() -> Iterator[Callable[[str], grpc.Channel]]:
 # ---------------------------------------------------------------- reporting
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """On a failure, attach the end of every child's log to the report."""
-    report = yield
-    tracker = item.stash.get(_PROCS, None)
-    if report.failed and tracker is not None and call.when == "call":
-        report.sections.append(("filewatch process logs", tracker.log_tails()))
-    return report
+pytest_runtest_makereport = attach_logs_on_failure
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -44,8 +44,8 @@ from tests.faults.conftest import (
     measured,
     start_aggregator_in,
     start_watcher_in,
-    wait_for,
 )
+from tests.support import wait_for
 
 TTL = 2.0
 MAX_BODY = 65_536

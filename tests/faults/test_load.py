@@ -30,10 +30,9 @@ from gen import filewatch_pb2_grpc as pb_grpc
 from tests.faults.conftest import (
     Aggregator,
     AggregatorFactory,
-    http_request,
     measured,
-    wait_for_async,
 )
+from tests.support import http_request, wait_for_async
 
 SOAK = os.environ.get("FILEWATCH_SOAK", "") not in ("", "0")
 WATCHERS = 200 if SOAK else 50

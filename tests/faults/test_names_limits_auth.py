@@ -27,7 +27,6 @@ from tests.faults.conftest import (
     SYNC_TIMEOUT,
     AggregatorFactory,
     RawSync,
-    Reply,
     WatcherFactory,
     batch_msg,
     chunk_msg,
@@ -36,8 +35,8 @@ from tests.faults.conftest import (
     folder_names,
     hello_msg,
     measured,
-    wait_for,
 )
+from tests.support import Reply, wait_for
 
 JSON = {"Content-Type": "application/json"}
 OTHER_HOST = "127.0.0.2"

@@ -25,8 +25,8 @@ from tests.faults.conftest import (
     fill,
     folder_names,
     measured,
-    wait_for,
 )
+from tests.support import wait_for
 
 RECONNECT_MAX = 0.5
 """The watchers' --reconnect-max (WATCHER_DEFAULTS)."""

@@ -29,8 +29,8 @@ from tests.faults.conftest import (
     heartbeat_msg,
     hello_msg,
     measured,
-    wait_for,
 )
+from tests.support import wait_for
 
 READER_QUEUE = 2000
 NAMES = [b"n%04d-" % i + b"x" * 1000 for i in range(100)]

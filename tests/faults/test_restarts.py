@@ -23,8 +23,8 @@ from tests.faults.conftest import (
     folder_names,
     measured,
     restart_aggregator_in,
-    wait_for,
 )
+from tests.support import wait_for
 
 RECONNECT_MAX = 0.5
 """The watchers' --reconnect-max (see WATCHER_DEFAULTS)."""

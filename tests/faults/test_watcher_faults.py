@@ -37,8 +37,8 @@ from tests.faults.conftest import (
     fill,
     folder_names,
     measured,
-    wait_for,
 )
+from tests.support import wait_for
 
 CHECK = 0.3
 """The watchers' --folder-check-interval here."""

@@ -8,8 +8,8 @@
   event loop: an aiohttp server answering `GET /files` as the Go program does
   (unsorted, seqno as a lower bound; or hanging, failing, lying as told), and a raw
   client sending exactly its `POST /hello`, `POST /bye` and `PATCH /files`.
-- `wait_for` / `wait_for_async` poll every 20 ms until a condition holds and fail
-  with the last observed value; nothing here sleeps for correctness.
+- `wait_for` / `wait_for_async` (tests.support) poll every 20 ms until a condition
+  holds and fail with the last observed value; nothing here sleeps for correctness.
 """
 
 from __future__ import annotations
@@ -17,31 +17,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import http.client
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import (
+    HOST,
+    ROOT,
+    AggregatorPorts,
+    Proc,
+    ProcessTracker,
+    Reply,
+    aggregator_ports,
+    http_request,
+    port_of,
+)
+
 SAMPLE_FOLDERS = ROOT / "sample-folders"
-HOST = "127.0.0.1"
-POLL_INTERVAL = 0.02
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 SYNC_TIMEOUT = 10.0
 """Bound on "a change shows up in GET /files/" (the spec says milliseconds)."""
 TTL = 3.0
@@ -49,103 +50,8 @@ TTL = 3.0
 GAP_WAIT = 0.3
 """The --gap-wait every aggregator of these tests runs with."""
 
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- polling
-
-
-def _short(value: object, limit: int = 2000) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
-
-
-def wait_for(
-    probe: Callable[[], T],
-    timeout: float,
-    *,
-    until: Callable[[T], bool] = bool,
-    what: str = "the condition",
-    interval: float = POLL_INTERVAL,
-) -> T:
-    """Call `probe` every `interval` s until `until(value)` holds, and return that value.
-
-    Fails the test after `timeout` seconds with the last value observed.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if until(value):
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
-                pytrace=False,
-            )
-        time.sleep(interval)
-
-
-async def wait_for_async(
-    probe: Callable[[], Awaitable[T]],
-    timeout: float,
-    *,
-    until: Callable[[T], bool] = bool,
-    what: str = "the condition",
-    interval: float = POLL_INTERVAL,
-) -> T:
-    """`wait_for` for coroutines: the event loop keeps running between polls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if until(value):
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
-                pytrace=False,
-            )
-        await asyncio.sleep(interval)
-
 
 # ---------------------------------------------------------------- HTTP (blocking)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One HTTP response, read whole; header names lower-cased."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    @property
-    def content_type(self) -> str:
-        """The media type, without parameters."""
-        return self.headers.get("content-type", "").split(";")[0].strip()
-
-    def json(self) -> Any:
-        """The body parsed as JSON."""
-        return json.loads(self.body)
-
-
-def http_request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: Mapping[str, str] | None = None,
-    *,
-    timeout: float = 5.0,
-) -> Reply:
-    """One request to http://127.0.0.1:port; redirects are never followed."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
-        resp = conn.getresponse()
-        data = resp.read()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-    finally:
-        conn.close()
 
 
 def files_body(port: int, detail: bool = False) -> bytes:
@@ -207,115 +113,14 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 # ---------------------------------------------------------------- processes
 
 
-def _child_env() -> dict[str, str]:
-    """Our environment minus flag twins and telemetry endpoints: hermetic children."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEWATCH_", "OTEL_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 @dataclass
-class Proc:
-    """One child process and its log file."""
-
-    role: str
-    argv: list[str]
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        """Its PID."""
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        """Whether it still runs."""
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        """Everything it wrote so far."""
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Its JSON log lines, optionally only those of event `name`."""
-        out: list[dict[str, Any]] = []
-        for line in self.log_text().splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # a line being written right now
-            if isinstance(item, dict) and (name is None or item.get("event") == name):
-                out.append(item)
-        return out
-
-    def wait_event(self, name: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """Poll the log for event `name`; fail at once if the process exits first."""
-
-        def probe() -> dict[str, Any] | None:
-            found = self.events(name)
-            if found:
-                return found[0]
-            if not self.alive:
-                pytest.fail(
-                    f"{self.role} (pid {self.pid}) exited with {self.popen.returncode} before "
-                    f"logging {name!r}; its log:\n{self.log_text()}",
-                    pytrace=False,
-                )
-            return None
-
-        found = wait_for(probe, timeout, what=f"{self.role} to log {name!r}")
-        assert found is not None
-        return found
-
-    def send(self, sig: signal.Signals) -> None:
-        """Send one signal to it (by PID), if it still runs."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-
-    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
-        """Wait (bounded) for it to exit; returns its exit code."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.role} (pid {self.pid}) still runs after {timeout} s")
-
-    def stop(self) -> None:
-        """SIGTERM, a bounded wait, then SIGKILL; always reaps it."""
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.popen.send_signal(signal.SIGKILL)
-            self.popen.wait(STOP_TIMEOUT)
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        self.send(signal.SIGKILL)
-        self.popen.wait(STOP_TIMEOUT)
-
-
-@dataclass
-class AggregatorProc:
+class AggregatorProc(AggregatorPorts):
     """A running `python -m aggregator` and the ports it bound."""
-
-    proc: Proc
-    http_port: int
-    grpc_port: int
 
     @property
     def url(self) -> str:
-        """Its legacy/HTTP base URL."""
-        return f"http://{HOST}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        """Its gRPC address as a watcher's -aggregator flag wants it."""
-        return f"grpc://{HOST}:{self.grpc_port}"
+        """Its legacy/HTTP base URL (`http_url`)."""
+        return self.http_url
 
 
 @dataclass
@@ -333,35 +138,8 @@ class WatcherProc:
         return f"{HOST}:{self.port}"
 
 
-def _port_of(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
-
-
-class Processes:
-    """Starts children and stops exactly those, by PID, last started first."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[Proc] = []
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def spawn(self, role: str, args: Sequence[str]) -> Proc:
-        """Start `python args...`, stdout and stderr to a fresh log file."""
-        argv = [sys.executable, *args]
-        log_path = self.log_dir / f"{len(self.procs):02d}-{role}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.log_dir,
-                env=_child_env(),
-                start_new_session=True,  # only our signals reach it
-            )
-        proc = Proc(role, argv, popen, log_path)
-        self.procs.append(proc)
-        return proc
+class Processes(ProcessTracker):
+    """The shared `ProcessTracker`, plus starting the two services as these tests want them."""
 
     def start_aggregator(
         self, *extra: str, http_port: int = 0, grpc_port: int = 0
@@ -380,7 +158,7 @@ class Processes:
             ],
         )  # fmt: skip
         started = proc.wait_event("aggregator_started")
-        return AggregatorProc(proc, _port_of(started["http"][0]), _port_of(started["grpc"]))
+        return AggregatorProc(proc, *aggregator_ports(started))
 
     def start_watcher(
         self,
@@ -405,12 +183,7 @@ class Processes:
             ],
         )  # fmt: skip
         started = proc.wait_event("watcher_started")
-        return WatcherProc(proc, _port_of(started["http"]), folder, started["instance"])
-
-    def stop_all(self) -> None:
-        """Stop every child still running, last started first."""
-        for proc in reversed(self.procs):
-            proc.stop()
+        return WatcherProc(proc, port_of(started["http"]), folder, started["instance"])
 
 
 @pytest.fixture

@@ -20,22 +20,18 @@ import orjson
 import pytest
 
 from tests.legacy.conftest import (
-    HOST,
     SYNC_TIMEOUT,
     AggregatorFactory,
     AggregatorProc,
     FakeGoFactory,
     Processes,
-    Reply,
     WatcherProc,
     async_request,
     copy_samples,
     files_body,
-    http_request,
     node_files,
-    wait_for,
-    wait_for_async,
 )
+from tests.support import HOST, Reply, http_request, wait_for, wait_for_async
 
 MAX_BODY = 1024
 TOKEN = "s3cret"  # noqa: S105 - the test's own shared token

@@ -18,7 +18,6 @@ import pytest
 
 from tests.legacy.conftest import (
     GAP_WAIT,
-    HOST,
     SYNC_TIMEOUT,
     TTL,
     AggregatorProc,
@@ -28,8 +27,8 @@ from tests.legacy.conftest import (
     Processes,
     async_request,
     go_json,
-    wait_for_async,
 )
+from tests.support import HOST, wait_for_async
 
 FETCH_TIMEOUT = 0.5
 

@@ -23,7 +23,6 @@ import pytest
 
 from tests.legacy.conftest import (
     GAP_WAIT,
-    HOST,
     SYNC_TIMEOUT,
     TTL,
     AggregatorFactory,
@@ -36,9 +35,8 @@ from tests.legacy.conftest import (
     entries,
     files_body,
     node_files,
-    wait_for,
-    wait_for_async,
 )
+from tests.support import HOST, wait_for, wait_for_async
 
 SAMPLE1 = ["cats.txt", "dogs.txt"]
 SAMPLE2 = ["lions.txt", "tigers.txt"]

@@ -12,57 +12,38 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import (
+    HOST,
+    ROOT,
+    AggregatorPorts,
+    Proc,
+    ProcessTracker,
+    aggregator_ports,
+    attach_logs_on_failure,
+    port_of,
+    tracked,
+)
+
 OBSERVABILITY = ROOT / "observability"
-HOST = "127.0.0.1"
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-POLL_INTERVAL = 0.05
 AGGREGATOR_JOB = "filewatch-aggregator"
 WATCHER_JOB = "filewatch-watcher"
 """The job names of observability/prometheus.yml, which the rules and dashboard select on."""
-
-T = TypeVar("T")
 
 
 def in_ci() -> bool:
     """Whether we run in CI, where nothing may be skipped for a missing tool."""
     return bool(os.environ.get("CI"))
-
-
-def wait_for(
-    probe: Callable[[], T],
-    timeout: float,
-    *,
-    until: Callable[[T], bool] = bool,
-    what: str = "the condition",
-    interval: float = POLL_INTERVAL,
-) -> T:
-    """Call `probe` every `interval` s until `until(value)`; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if until(value):
-            return value
-        if time.monotonic() >= deadline:
-            text = repr(value)
-            if len(text) > 2000:
-                text = text[:2000] + "..."
-            pytest.fail(f"timed out after {timeout} s waiting for {what}; last: {text}")
-        time.sleep(interval)
 
 
 def http_get_text(url: str, timeout: float = 5.0) -> str:
@@ -83,138 +64,9 @@ def try_get_text(url: str, timeout: float = 2.0) -> str | None:
 # ---------------------------------------------------------------- processes
 
 
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Our environment minus flag twins and OTEL settings, plus `extra`: hermetic children."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEWATCH_", "OTEL_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
 @dataclass
-class Proc:
-    """A child process and its log file."""
-
-    role: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        """Its PID."""
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        """Whether it is still running."""
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        """Everything it wrote so far."""
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def events(self) -> list[dict[str, Any]]:
-        """Its JSON log lines (other lines are skipped)."""
-        out: list[dict[str, Any]] = []
-        for line in self.log_text().splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # being written right now
-            if isinstance(item, dict):
-                out.append(item)
-        return out
-
-    def wait_event(self, event: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """Poll the log for a JSON line of `event`; fail early if the process exits."""
-
-        def probe() -> dict[str, Any] | None:
-            found = next((e for e in self.events() if e.get("event") == event), None)
-            if found is None and not self.alive:
-                pytest.fail(
-                    f"{self.role} (pid {self.pid}) exited {self.popen.returncode} before "
-                    f"logging {event!r}:\n{self.log_text()[-4000:]}"
-                )
-            return found
-
-        found = wait_for(probe, timeout, what=f"{self.role} to log {event!r}")
-        assert found is not None
-        return found
-
-
-@dataclass
-class ProcessTracker:
-    """Starts children and stops exactly those, by PID, last started first."""
-
-    log_dir: Path
-    procs: list[Proc] = field(default_factory=list)
-
-    def spawn(self, role: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
-        """Start `argv` in its own session, its output in a fresh log file."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{len(self.procs):02d}-{role}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.log_dir,
-                env=child_env(env),
-                start_new_session=True,  # our signals only, never the terminal's
-            )
-        proc = Proc(role, popen, log_path)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: Proc) -> str | None:
-        """SIGTERM one child, wait (bounded), SIGKILL if it hangs; what went wrong, if anything."""
-        if proc.popen.poll() is not None:
-            return None
-        proc.popen.send_signal(signal.SIGTERM)
-        try:
-            code = proc.popen.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.popen.send_signal(signal.SIGKILL)
-            proc.popen.wait(STOP_TIMEOUT)
-            return f"{proc.role} (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT} s; killed"
-        if code != 0:
-            return f"{proc.role} (pid {proc.pid}) exited {code} on SIGTERM"
-        return None
-
-    def stop_all(self) -> list[str]:
-        """Stop every child still running, LIFO; returns the problems."""
-        problems = [self.stop(proc) for proc in reversed(self.procs)]
-        return [p for p in problems if p]
-
-    def log_tails(self, lines: int = 40) -> str:
-        """The end of every child's log, for a failure report."""
-        parts = []
-        for proc in self.procs:
-            tail = "\n".join(proc.log_text().splitlines()[-lines:])
-            parts.append(f"===== {proc.log_path.name} (pid {proc.pid}) =====\n{tail}")
-        return "\n".join(parts)
-
-
-@dataclass(frozen=True)
-class Aggregator:
+class Aggregator(AggregatorPorts):
     """A running `python -m aggregator` and its bound ports."""
-
-    proc: Proc
-    http_port: int
-    grpc_port: int
-
-    @property
-    def http_url(self) -> str:
-        """Its HTTP base URL (also what a legacy watcher's -aggregator flag takes)."""
-        return f"http://{HOST}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        """What a streaming watcher's -aggregator flag takes."""
-        return f"grpc://{HOST}:{self.grpc_port}"
 
     def metrics(self) -> str:
         """Its /metrics text."""
@@ -236,23 +88,15 @@ class Watcher:
         return http_get_text(f"http://{HOST}:{self.http_port}/metrics")
 
 
-def _port_of(address: str) -> int:
-    host, _, port = address.rpartition(":")
-    assert host == HOST, address
-    return int(port)
-
-
 def start_aggregator(
     tracker: ProcessTracker, *, env: Mapping[str, str] | None = None, ttl: float = 15.0
 ) -> Aggregator:
     """Start an aggregator on ephemeral loopback ports and wait for its start line."""
     argv = [sys.executable, "-m", "aggregator", "--http", f"{HOST}:0", "--grpc", f"{HOST}:0"]
     argv += ["--ttl", str(ttl), "--log-format", "json"]
-    proc = tracker.spawn("aggregator", argv, env)
+    proc = tracker.start("aggregator", argv, env)
     started = proc.wait_event("aggregator_started")
-    http = started["http"]
-    assert isinstance(http, list) and len(http) == 1, started
-    return Aggregator(proc, _port_of(str(http[0])), _port_of(str(started["grpc"])))
+    return Aggregator(proc, *aggregator_ports(started, host=HOST))
 
 
 def start_watcher(
@@ -282,14 +126,14 @@ def start_watcher(
         "--reconnect-max",
         "0.5",
     ]
-    proc = tracker.spawn(f"watcher-{folder.name}", argv, env)
+    proc = tracker.start(f"watcher-{folder.name}", argv, env)
     started = proc.wait_event("watcher_started")
     return Watcher(
         proc,
         folder,
         str(started["node"]),
         str(started.get("instance", "")),
-        _port_of(str(started["http"])),
+        port_of(started["http"], host=HOST),
     )
 
 
@@ -358,38 +202,13 @@ def rule_exprs(path: Path | None = None) -> list[str]:
 # ---------------------------------------------------------------- fixtures
 
 
-_TRACKER = pytest.StashKey[ProcessTracker]()
-
-
-def attach_tracker(node: pytest.Item | pytest.Collector, tracker: ProcessTracker) -> None:
-    """Have failures of the tests under `node` show the end of `tracker`'s logs."""
-    node.stash[_TRACKER] = tracker
-
-
 @pytest.fixture
 def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessTracker]:
     """The children of this test, all stopped at teardown (LIFO, by PID)."""
-    tracker = ProcessTracker(tmp_path / "logs")
-    attach_tracker(request.node, tracker)
-    yield tracker
-    problems = tracker.stop_all()
-    if problems:
-        pytest.fail("unclean shutdown: " + "; ".join(problems) + "\n" + tracker.log_tails())
+    yield from tracked(request.node, ProcessTracker(tmp_path / "logs", strict_exit=True))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """On a failure, attach the end of every child's log to the report."""
-    report = yield
-    tracker = item.stash.get(_TRACKER, None)
-    module = item.getparent(pytest.Module)
-    if tracker is None and module is not None:
-        tracker = module.stash.get(_TRACKER, None)  # a module-scoped harness
-    if report.failed and tracker is not None and call.when == "call":
-        report.sections.append(("filewatch process logs", tracker.log_tails()))
-    return report
+pytest_runtest_makereport = attach_logs_on_failure
 
 
 def _install_tools() -> None:

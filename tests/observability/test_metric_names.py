@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.observability.conftest import (
-    ProcessTracker,
     dashboard_exprs,
     rule_exprs,
     start_aggregator,
     start_watcher,
-    wait_for,
 )
+from tests.support import ProcessTracker, wait_for
 
 SYNC_TIMEOUT = 15.0
 

@@ -26,24 +26,18 @@ import pytest
 
 from tests.observability.conftest import (
     AGGREGATOR_JOB,
-    HOST,
     OBSERVABILITY,
-    ROOT,
-    START_TIMEOUT,
     WATCHER_JOB,
     Aggregator,
-    Proc,
-    ProcessTracker,
     Watcher,
-    attach_tracker,
     dashboard_exprs,
     http_get_text,
     rule_exprs,
     start_aggregator,
     start_watcher,
     try_get_text,
-    wait_for,
 )
+from tests.support import HOST, ROOT, START_TIMEOUT, Proc, ProcessTracker, attach_tracker, wait_for
 
 SCRAPE_TIMEOUT = 30.0
 """Bound on "Prometheus has scraped a non-zero lag histogram and can take its p99"."""
@@ -137,7 +131,7 @@ def start_prometheus(tracker: ProcessTracker, binary: str, config: Path, data: P
             f"--web.listen-address={HOST}:{port}",
             "--log.level=warn",
         ]
-        proc = tracker.spawn("prometheus", argv)
+        proc = tracker.start("prometheus", argv)
         state = wait_for(
             _ready_probe(proc, f"http://{HOST}:{port}/-/ready"),
             START_TIMEOUT,
@@ -176,7 +170,7 @@ def observed(
 ) -> Iterator[Observed]:
     """The whole set, shared by this module's tests; every process stopped at the end."""
     tmp = tmp_path_factory.mktemp("observed")
-    tracker = ProcessTracker(tmp / "logs")
+    tracker = ProcessTracker(tmp / "logs", strict_exit=True)
     attach_tracker(request.node, tracker)
     try:
         aggregator = start_aggregator(tracker)

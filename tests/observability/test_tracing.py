@@ -25,13 +25,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from tests.observability.conftest import (
-    HOST,
-    ProcessTracker,
     Watcher,
     start_aggregator,
     start_watcher,
-    wait_for,
 )
+from tests.support import HOST, ProcessTracker, wait_for
 
 TRACE_TIMEOUT = 20.0
 """Bound on "a change made -> both spans received" (spans are exported every 100 ms)."""
