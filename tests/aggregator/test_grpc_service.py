@@ -25,6 +25,7 @@ from aggregator.app import Aggregator
 from aggregator.config import AggregatorConfig
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc
+from tests.support import wait_for_async
 
 HOST = "127.0.0.1"
 BASE_CONFIG = AggregatorConfig(http=(f"{HOST}:0",), grpc=f"{HOST}:0", ttl=1.0, grace=1.0)
@@ -234,14 +235,7 @@ async def eventually(
     what: str = "the condition",
 ) -> T:
     """Poll `probe` until `until(value)` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if until(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last value: {value!r}")
-        await asyncio.sleep(POLL)
+    return await wait_for_async(probe, timeout, until=until, what=what, interval=POLL)
 
 
 async def poll(

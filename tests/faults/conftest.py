@@ -50,6 +50,7 @@ from tests.support import (
     http_request,
     port_of,
     tracked,
+    wait_for,
 )
 
 SYNC_TIMEOUT = 10.0
@@ -282,6 +283,18 @@ def start_watcher_in(
 
 
 # ---------------------------------------------------------------- folders
+
+
+def wait_listed(agg: Aggregator, node: str, folder: Path, *, what: str, timeout: float) -> float:
+    """Wait until the aggregator lists exactly the folder's files for `node`; seconds it took."""
+    start = time.monotonic()
+    wait_for(
+        lambda: agg.try_node_files(node),
+        timeout,
+        until=lambda files: files == folder_names(folder),
+        what=what,
+    )
+    return time.monotonic() - start
 
 
 def folder_names(*folders: Path) -> list[str]:

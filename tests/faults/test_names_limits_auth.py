@@ -35,6 +35,7 @@ from tests.faults.conftest import (
     folder_names,
     hello_msg,
     measured,
+    wait_listed,
 )
 from tests.support import Reply, wait_for
 
@@ -128,12 +129,7 @@ def test_odd_and_undecodable_names_are_listed_exactly(
     os.rename(os.path.join(os.fsencode(grpc_dir), b"caf\xe9.txt"), grpc_dir / "plain.txt")
     os.unlink(grpc_dir / "new\nline.txt")
     os.unlink(os.path.join(os.fsencode(grpc_dir), b"\xff\xfe"))
-    wait_for(
-        lambda: agg.node_files("odd"),
-        SYNC_TIMEOUT,
-        until=lambda f: f == folder_names(grpc_dir),
-        what="odd names renamed and removed",
-    )
+    wait_listed(agg, "odd", grpc_dir, what="odd names renamed and removed", timeout=SYNC_TIMEOUT)
 
 
 # ---------------------------------------------------------------- limits
@@ -203,11 +199,12 @@ def test_limits_are_refused_clearly_and_nothing_grows(
     )
     held[0].send(pb.WatcherMessage(goodbye=pb.Goodbye())).close()
     assert held[0].status()[0] is grpc.StatusCode.OK
-    wait_for(
-        lambda: agg.node_files("late"),
-        SYNC_TIMEOUT,
-        until=lambda f: f == folder_names(folder),
+    wait_listed(
+        agg,
+        "late",
+        folder,
         what="the late watcher listed once a slot is free",
+        timeout=SYNC_TIMEOUT,
     )
 
     # Readers: two at once, the third refused; a slot frees when one leaves.
@@ -283,11 +280,12 @@ def test_a_legacy_watcher_over_the_file_limit_is_refused_clearly(
     # Below the limit again, it is listed at its next hello.
     for name in sorted(os.listdir(folder))[:15]:
         os.unlink(folder / name)
-    wait_for(
-        lambda: agg.node_files(f"127.0.0.1:{w.http_port}"),
-        SYNC_TIMEOUT,
-        until=lambda f: f == folder_names(folder),
+    wait_listed(
+        agg,
+        f"127.0.0.1:{w.http_port}",
+        folder,
         what="listed once under the limit",
+        timeout=SYNC_TIMEOUT,
     )
 
 
@@ -471,11 +469,12 @@ def test_a_forged_hello_for_a_live_legacy_watchers_port_does_not_take_it_over(
     agg.request("POST", "/hello", json.dumps(forged).encode(), JSON)
     (folder / "after-the-forgery.txt").write_text("a")
     took = time.monotonic()
-    wait_for(
-        lambda: agg.node_files(node),
-        SYNC_TIMEOUT,
-        until=lambda f: f == folder_names(folder),
+    wait_listed(
+        agg,
+        node,
+        folder,
         what="the victim's change, well within the TTL (30 s)",
+        timeout=SYNC_TIMEOUT,
     )
     measured("forged legacy hello: victim's next change listed", time.monotonic() - took)
 

@@ -23,8 +23,8 @@ from tests.faults.conftest import (
     Watcher,
     WatcherFactory,
     fill,
-    folder_names,
     measured,
+    wait_listed,
 )
 from tests.support import wait_for
 
@@ -51,18 +51,6 @@ def _edit(folder: Path, tag: str) -> None:
     (folder / names[2]).write_text(f"modified at {tag}")
 
 
-def _listed(agg: Aggregator, node: str, folder: Path, what: str, timeout: float) -> float:
-    """Wait until the aggregator lists exactly the folder for `node`; seconds it took."""
-    start = time.monotonic()
-    wait_for(
-        lambda: agg.try_node_files(node),
-        timeout,
-        until=lambda files: files == folder_names(folder),
-        what=what,
-    )
-    return time.monotonic() - start
-
-
 def _setup(
     start_aggregator: AggregatorFactory,
     start_watcher: WatcherFactory,
@@ -83,7 +71,7 @@ def _setup(
         w = start_watcher(folder, f"http://127.0.0.1:{proxy.port}")
         node = f"127.0.0.1:{w.http_port}"
     _edit(folder, "before")
-    _listed(agg, node, folder, "the folder listed before the fault", SYNC_TIMEOUT)
+    wait_listed(agg, node, folder, what="the folder listed before the fault", timeout=SYNC_TIMEOUT)
     return agg, proxy, w, node
 
 
@@ -112,10 +100,12 @@ def test_a_cut_shorter_than_the_ttl_resumes_from_the_sequence_without_a_snapshot
     assert agg.node_files(node) == listed_before, "within the TTL the old list stays (no flap)"
 
     proxy.forward()
-    took = _listed(agg, node, folder, "the list after the cut", RECONNECT_MAX + SLACK)
+    took = wait_listed(
+        agg, node, folder, what="the list after the cut", timeout=RECONNECT_MAX + SLACK
+    )
     measured("cut < TTL (gRPC): healed -> list equals folder", took)
     _edit(folder, "after")
-    _listed(agg, node, folder, "changes after the cut", SYNC_TIMEOUT)
+    wait_listed(agg, node, folder, what="changes after the cut", timeout=SYNC_TIMEOUT)
 
     hellos = agg.proc.events("watcher_hello", node=node)
     assert len(hellos) >= 2 and hellos[-1]["resume"] is True, hellos
@@ -155,7 +145,9 @@ def test_a_cut_longer_than_the_ttl_ends_with_the_folder_listed(
     time.sleep(max(0.0, outage - (time.monotonic() - cut_at)))
     healed = time.monotonic()
     proxy.forward()
-    took = _listed(agg, node, folder, "the list after the long cut", SYNC_TIMEOUT + 10)
+    took = wait_listed(
+        agg, node, folder, what="the list after the long cut", timeout=SYNC_TIMEOUT + 10
+    )
     measured(f"cut > TTL ({protocol}): healed -> list equals folder", took)
     if protocol == "grpc":
         # One reconnect: the retry delay is capped by --reconnect-max even after a long
@@ -165,7 +157,7 @@ def test_a_cut_longer_than_the_ttl_ends_with_the_folder_listed(
             "delay is not capped by --reconnect-max"
         )
     _edit(folder, "after")
-    _listed(agg, node, folder, "changes after the cut", SYNC_TIMEOUT)
+    wait_listed(agg, node, folder, what="changes after the cut", timeout=SYNC_TIMEOUT)
     if protocol == "grpc":
         assert agg.proc.events("watcher_hello", node=node)[-1]["resume"] is False
         assert agg.proc.count("snapshot_installed", node=node) == 2
@@ -208,7 +200,9 @@ def test_a_half_open_link_is_detected_on_both_sides_within_the_keepalive_bound(
     assert agg.node_files(node) != [], "a stall within the TTL keeps the files"
 
     proxy.forward()
-    took = _listed(agg, node, folder, "the list after the stall", SYNC_TIMEOUT + SLACK)
+    took = wait_listed(
+        agg, node, folder, what="the list after the stall", timeout=SYNC_TIMEOUT + SLACK
+    )
     measured("half-open link healed -> list equals folder", took)
 
 
@@ -226,7 +220,9 @@ def test_a_slow_link_delivers_everything_without_reconnecting(
     proxy.delay(0.2)
     for tag in ("slow-1", "slow-2", "slow-3"):
         _edit(folder, tag)
-        took = _listed(agg, node, folder, f"changes over the slow link ({tag})", SYNC_TIMEOUT)
+        took = wait_listed(
+            agg, node, folder, what=f"changes over the slow link ({tag})", timeout=SYNC_TIMEOUT
+        )
     measured("200 ms latency each way: change -> listed", took)
     time.sleep(3 * KEEPALIVE)  # keepalive pings cross the slow link; nothing polled
     assert w.proc.count("stream_failed") + w.proc.count("stream_ended") == failed

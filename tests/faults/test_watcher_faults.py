@@ -30,13 +30,12 @@ import pytest
 
 from tests.faults.conftest import (
     SYNC_TIMEOUT,
-    Aggregator,
     AggregatorFactory,
     Watcher,
     WatcherFactory,
     fill,
-    folder_names,
     measured,
+    wait_listed,
 )
 from tests.support import wait_for
 
@@ -65,17 +64,6 @@ runpy.run_module("watcher", run_name="__main__", alter_sys=True)
 """
 
 
-def _listed(agg: Aggregator, node: str, folder: Path, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    wait_for(
-        lambda: agg.node_files(node),
-        timeout,
-        until=lambda files: files == folder_names(folder),
-        what=what,
-    )
-    return time.monotonic() - start
-
-
 def _inotify_queue_limit() -> int:
     try:
         return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
@@ -101,7 +89,7 @@ def test_events_dropped_by_the_kernel_are_repaired_by_the_rescan_logged_and_coun
     fill(folder, 10)
     agg = start_aggregator(ttl=30.0)
     w = start_watcher(folder, agg.grpc_url, "--rescan-interval", "0.5", name="w")
-    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+    wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
     # At least 2 inotify events per file written (create, close): beyond the kernel's queue.
     burst = _inotify_queue_limit() // 2 + 2000
@@ -113,7 +101,9 @@ def test_events_dropped_by_the_kernel_are_repaired_by_the_rescan_logged_and_coun
     finally:
         w.proc.send(signal.SIGCONT)
     resumed = time.monotonic()
-    took = _listed(agg, "w", folder, 0.6 + SLACK + 10, "the burst listed after the overflow")
+    took = wait_listed(
+        agg, "w", folder, what="the burst listed after the overflow", timeout=0.6 + SLACK + 10
+    )
     measured(f"inotify overflow ({burst} files, rescan 0.5 s) -> list repaired", took)
     assert "Inotify queue overflowed" in w.proc.log_text(), "the kernel really dropped events"
     repaired = w.proc.wait_event("rescan_repaired", timeout=1.0)
@@ -151,7 +141,7 @@ def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
         name="w",
         code=OBSERVER_KILLER,
     )  # fmt: skip
-    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+    wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
     died = time.monotonic()
     (folder / "kill-observer").write_text("boom")
@@ -163,7 +153,7 @@ def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
     fill(folder, 20, "unseen")  # nobody watches now
     os.unlink(folder / "f00000.txt")
     w.proc.wait_event("observer_restarted", timeout=CHECK + SLACK)
-    _listed(agg, "w", folder, CHECK + SLACK, "what the dead observer missed")
+    wait_listed(agg, "w", folder, what="what the dead observer missed", timeout=CHECK + SLACK)
     measured("observer thread died -> restarted, list repaired", time.monotonic() - died)
     repaired = w.proc.wait_event("rescan_repaired", timeout=1.0)
     assert repaired["changes"] >= 21
@@ -171,7 +161,9 @@ def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
 
     # The new observer reports at once (no periodic rescan runs in this test).
     (folder / "after-restart.txt").write_text("a")
-    took = _listed(agg, "w", folder, SYNC_TIMEOUT, "a change seen by the new observer")
+    took = wait_listed(
+        agg, "w", folder, what="a change seen by the new observer", timeout=SYNC_TIMEOUT
+    )
     assert took < 5
 
 
@@ -185,7 +177,7 @@ def test_a_deleted_folder_is_reported_and_followed_when_it_comes_back(
     w = start_watcher(
         folder, agg.grpc_url, *QUIET_RESCAN, "--folder-check-interval", str(CHECK), name="w"
     )
-    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+    wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
     deleted = time.monotonic()
     shutil.rmtree(folder)
@@ -200,11 +192,13 @@ def test_a_deleted_folder_is_reported_and_followed_when_it_comes_back(
     back = time.monotonic()
     fill(folder, 5, "second-life")
     w.proc.wait_event("folder_back", timeout=CHECK + SLACK)
-    _listed(agg, "w", folder, CHECK + SLACK, "the folder back")
+    wait_listed(agg, "w", folder, what="the folder back", timeout=CHECK + SLACK)
     measured("folder recreated -> listed again", time.monotonic() - back)
     assert w.healthz()["folder_state"] == "ok"
     (folder / "seen-by-the-new-observer.txt").write_text("a")
-    assert _listed(agg, "w", folder, SYNC_TIMEOUT, "a change in the new folder") < 5
+    assert (
+        wait_listed(agg, "w", folder, what="a change in the new folder", timeout=SYNC_TIMEOUT) < 5
+    )
 
 
 @pytest.mark.timeout(60)
@@ -218,7 +212,7 @@ def test_a_replaced_folder_is_followed_and_the_old_one_forgotten(
     w = start_watcher(
         folder, agg.grpc_url, *QUIET_RESCAN, "--folder-check-interval", str(CHECK), name="w"
     )
-    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+    wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
     replaced = time.monotonic()
     atomic = _exchange(folder, other)  # `other` now holds the old folder
@@ -229,12 +223,14 @@ def test_a_replaced_folder_is_followed_and_the_old_one_forgotten(
     back = w.proc.wait_event("folder_back", timeout=CHECK + SLACK)
     if atomic:
         assert back["replaced"] is True
-    _listed(agg, "w", folder, CHECK + SLACK, "the replacement folder listed")
+    wait_listed(agg, "w", folder, what="the replacement folder listed", timeout=CHECK + SLACK)
     measured("folder replaced (atomic exchange) -> new folder listed", time.monotonic() - replaced)
 
     (other / "in-the-old-folder.txt").write_text("a")
     (folder / "in-the-new-folder.txt").write_text("a")
-    assert _listed(agg, "w", folder, SYNC_TIMEOUT, "a change in the new folder") < 5
+    assert (
+        wait_listed(agg, "w", folder, what="a change in the new folder", timeout=SYNC_TIMEOUT) < 5
+    )
     time.sleep(0.5)  # would the old folder's change still arrive? (nothing to poll for)
     assert "in-the-old-folder.txt" not in agg.node_files("w")
 
@@ -278,7 +274,7 @@ def test_an_unreadable_folder_is_reported_and_recovered(
         name="w",
         prefix=prefix,
     )  # fmt: skip
-    _listed(agg, "w", folder, SYNC_TIMEOUT, "the folder listed")
+    wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
     folder.chmod(0)
     blocked = time.monotonic()
@@ -294,7 +290,7 @@ def test_an_unreadable_folder_is_reported_and_recovered(
         child.chmod(0o644)
     readable = time.monotonic()
     w.proc.wait_event("folder_ok", timeout=0.6 + SLACK)
-    _listed(agg, "w", folder, 0.6 + SLACK, "the folder listed once readable")
+    wait_listed(agg, "w", folder, what="the folder listed once readable", timeout=0.6 + SLACK)
     measured("folder readable again -> list equals folder", time.monotonic() - readable)
     assert w.healthz()["folder_state"] == "ok"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755

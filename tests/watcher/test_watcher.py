@@ -23,6 +23,7 @@ import pytest
 
 from aggregator.app import Aggregator
 from aggregator.config import AggregatorConfig
+from tests.support import wait_for_async
 from watcher.app import Watcher
 from watcher.config import WatcherConfig
 
@@ -46,14 +47,7 @@ async def eventually(
     what: str = "the condition",
 ) -> T:
     """Poll `probe` until `until(value)` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if until(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}; last value: {value!r}")
-        await asyncio.sleep(POLL)
+    return await wait_for_async(probe, timeout, until=until, what=what, interval=POLL)
 
 
 def folder_files(folder: Path) -> Files:
