@@ -191,6 +191,10 @@ class SyncClient:
         call = stub.Sync(metadata=metadata)
         try:
             return await self._converse(call, stop)
+        except asyncio.InvalidStateError:
+            # A write raced the end of the call (grpc raises this, not AioRpcError,
+            # for "RPC already finished"): report why the call ended instead.
+            raise SyncError(await call.code(), await call.details() or "stream closed") from None
         finally:
             call.cancel()
 
