@@ -8,7 +8,7 @@ from aggregator.errors import (
     UnauthenticatedError,
     UnknownWatcherError,
 )
-from aggregator.index import BatchStatus, Change, Entry, Event, EventKind, FileMeta, Index, Op
+from aggregator.index import BatchStatus, Change, Entry, Event, EventKind, Index, Op, pack_meta
 
 __all__ = [
     "AggregatorConfig",
@@ -18,11 +18,11 @@ __all__ = [
     "Entry",
     "Event",
     "EventKind",
-    "FileMeta",
     "Index",
     "InvalidInputError",
     "LimitExceededError",
     "Op",
     "UnauthenticatedError",
     "UnknownWatcherError",
+    "pack_meta",
 ]

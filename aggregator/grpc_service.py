@@ -26,7 +26,7 @@ from aggregator.errors import (
     UnauthenticatedError,
     UnknownWatcherError,
 )
-from aggregator.index import BatchStatus, Change, Entry, Event, EventKind, FileMeta, Op
+from aggregator.index import BatchStatus, Entry, Event, EventKind, Meta, Op, pack_meta
 from aggregator.liveness import Liveness
 from aggregator.names import invalid_name_reason, rfc3339
 from aggregator.store import Store
@@ -89,28 +89,49 @@ def entry_to_pb(entry: Entry) -> pb.FileEntry:
     )
 
 
-def changes_from_pb(batch: pb.Batch) -> list[Change]:
+def _bad_name(raw: bytes) -> bool:
+    """Whether a name needs `invalid_name_reason` (a fast test for the common case)."""
+    return not raw or len(raw) > 1024 or b"/" in raw or b"\x00" in raw or raw in _DOTS
+
+
+_DOTS = (b".", b"..")
+
+
+def changes_from_pb(batch: pb.Batch) -> list[tuple[Op, bytes, Meta]]:
     """Validate and convert a batch's changes; nothing is applied on error."""
+    ops = _OPS
     out = []
-    for i, ch in enumerate(batch.changes):
-        op = _OPS.get(ch.op)
-        if op is None:
-            raise InvalidInputError(f"change {i}: unknown op {ch.op}")
-        reason = invalid_name_reason(ch.file.name)
-        if reason:
-            raise InvalidInputError(f"change {i}: {reason}")
-        out.append(Change(op, ch.file.name, FileMeta(ch.file.size, ch.file.mtime_ns)))
+    for ch in batch.changes:
+        f = ch.file
+        name = f.name
+        op = ops.get(ch.op)
+        if op is None or _bad_name(name):
+            raise InvalidInputError(_change_problem(batch))
+        out.append((op, name, pack_meta(f.size, f.mtime_ns)))
     return out
 
 
-def files_from_pb(chunk: pb.SnapshotChunk) -> list[tuple[bytes, FileMeta]]:
+def _change_problem(batch: pb.Batch) -> str:
+    for i, ch in enumerate(batch.changes):
+        if ch.op not in _OPS:
+            return f"change {i}: unknown op {ch.op}"
+        reason = invalid_name_reason(ch.file.name)
+        if reason:
+            return f"change {i}: {reason}"
+    raise AssertionError("no problem found in a batch that had one")
+
+
+def files_from_pb(chunk: pb.SnapshotChunk) -> list[tuple[bytes, Meta]]:
     """Validate and convert a snapshot chunk."""
     out = []
-    for i, f in enumerate(chunk.files):
-        reason = invalid_name_reason(f.name)
-        if reason:
-            raise InvalidInputError(f"snapshot file {i}: {reason}")
-        out.append((f.name, FileMeta(f.size, f.mtime_ns)))
+    for f in chunk.files:
+        name = f.name
+        if _bad_name(name):
+            for i, g in enumerate(chunk.files):
+                reason = invalid_name_reason(g.name)
+                if reason:
+                    raise InvalidInputError(f"snapshot file {i}: {reason}")
+        out.append((name, pack_meta(f.size, f.mtime_ns)))
     return out
 
 

@@ -29,7 +29,7 @@ from aggregator.errors import (
     LimitExceededError,
     UnauthenticatedError,
 )
-from aggregator.index import Entry, Index
+from aggregator.index import Entry, Index, Key, entry_of
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, add_routes
 from aggregator.names import rfc3339
@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 JSON_TYPE = "application/json"
 PROBLEM_TYPE = "application/problem+json"
 _GZIP_MIN = 1024
+_HEAD = b'{"files":['
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
@@ -55,18 +56,15 @@ def json_string(text: str) -> bytes:
         return json.dumps(text).encode("ascii")
 
 
-def encode_page(index: Index, keys: list[tuple[str, str]], detail: bool) -> bytes:
+def encode_page(index: Index, keys: list[Key], detail: bool) -> bytes:
     """The entries of one page of the index, as comma-separated JSON objects."""
     if not detail:
+        names = [key[: key.index(0)].decode("utf-8", "surrogatepass") for key in keys]
         try:  # one orjson call for the whole page; names with undecodable bytes fall back
-            return orjson.dumps([{"filename": k[0]} for k in keys])[1:-1]
+            return orjson.dumps([{"filename": name} for name in names])[1:-1]
         except orjson.JSONEncodeError:
-            return b",".join(b'{"filename":' + json_string(k[0]) + b"}" for k in keys)
-    entries = []
-    for filename, node in keys:
-        raw, meta = index.value((filename, node))
-        entries.append(_detail_entry(Entry(filename, node, raw, meta.size, meta.mtime_ns)))
-    return b",".join(entries)
+            return b",".join(b'{"filename":' + json_string(name) + b"}" for name in names)
+    return b",".join(_detail_entry(entry_of(key, index.meta(key))) for key in keys)
 
 
 def _detail_entry(e: Entry) -> bytes:
@@ -103,7 +101,7 @@ class FilesBodies:
         self._index = index
         self._boot = secrets.token_hex(4)  # a restart must not reuse an ETag
         self._cache: dict[bool, _Body] = {}
-        self._segments: dict[bool, dict[int, bytes]] = {False: {}, True: {}}
+        self._segments: dict[bool, dict[int, memoryview]] = {False: {}, True: {}}
 
     def get(self, detail: bool) -> _Body:
         """The body of the current version, encoding it if it is not cached."""
@@ -112,31 +110,36 @@ class FilesBodies:
         body = self._cache.get(detail)
         if body is None or body.version != version:
             tail = b'],"version":%d,"count":%d}' % (version, len(index)) if detail else b"]}"
-            parts = self._encode_pages(detail)
-            # One copy of the whole body: separators interleaved, a single join.
-            pieces = [b'{"files":[']
-            for i, part in enumerate(parts):
-                if i:
-                    pieces.append(b",")
-                pieces.append(part)
-            pieces.append(tail)
-            plain = b"".join(pieces)
+            plain = self._join(detail, tail)
             etag = f'"{self._boot}-{version}{"-d" if detail else ""}"'
             body = self._cache[detail] = _Body(version, plain, etag)
         return body
 
-    def _encode_pages(self, detail: bool) -> list[bytes]:
+    def _join(self, detail: bool, tail: bytes) -> bytes:
+        """The body: cached segments and fresh ones, separators interleaved, one join.
+
+        The cache then keeps each segment as a view into this body, not a copy
+        of its own: the encoded list is held once.
+        """
         cached = self._segments[detail]
-        fresh: dict[int, bytes] = {}
-        parts = []
-        for page in self._index.pages():
-            segment = cached.get(page.serial)
-            if segment is None:
-                segment = encode_page(self._index, page.keys, detail)
-            fresh[page.serial] = segment
-            parts.append(segment)
+        pages = self._index.pages()
+        pieces: list[bytes | memoryview] = [_HEAD]
+        for page in pages:
+            known = cached.get(page.serial)
+            pieces += (
+                encode_page(self._index, page.keys, detail) if known is None else known,
+                b",",
+            )
+        if pages:
+            pieces.pop()  # the last comma
+        pieces.append(tail)
+        plain = b"".join(pieces)
+        view, offset, fresh = memoryview(plain), len(_HEAD), {}
+        for page, segment in zip(pages, pieces[1:-1:2], strict=True):
+            fresh[page.serial] = view[offset : offset + len(segment)]
+            offset += len(segment) + 1  # and its comma
         self._segments[detail] = fresh  # pages that changed or went are forgotten
-        return parts
+        return plain
 
     @staticmethod
     def gzipped(body: _Body) -> bytes:

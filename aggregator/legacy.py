@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from aggregator.errors import ConflictError, InvalidInputError, LimitExceededError
-from aggregator.index import BatchStatus, Change, FileMeta, Op
+from aggregator.index import BatchStatus, Op
 from aggregator.liveness import Liveness
 from aggregator.names import invalid_name_reason
 from aggregator.store import Store
@@ -249,7 +249,7 @@ class LegacyIngest:
         while rec.applied + 1 in rec.buffered:
             seqno = rec.applied + 1
             entries = rec.buffered.pop(seqno)
-            changes = [Change(p.op.op, p.op.name, FileMeta()) for p in entries]
+            changes = [(p.op.op, p.op.name, 0) for p in entries]
             result = self._store.apply_batch(
                 rec.node,
                 rec.instance,
@@ -316,7 +316,7 @@ class LegacyIngest:
         index = self._store.index
         try:
             index.begin_snapshot(rec.node, rec.instance)
-            index.extend_snapshot(rec.node, ((name, FileMeta()) for name in listing.names))
+            index.extend_snapshot(rec.node, ((name, 0) for name in listing.names))
         except LimitExceededError as err:
             index.abort_snapshot(rec.node)
             info = index.watcher(rec.node)

@@ -12,12 +12,21 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from opentelemetry.trace import SpanKind, Tracer
 
 from aggregator.errors import LimitExceededError
-from aggregator.index import BatchResult, BatchStatus, Change, Event, EventKind, Index
+from aggregator.index import (
+    BatchResult,
+    BatchStatus,
+    Event,
+    EventKind,
+    Index,
+    Meta,
+    Op,
+    count_kinds,
+)
 from aggregator.telemetry import Metrics
 from common.tracing import extract
 
@@ -32,7 +41,7 @@ class EventQueue:
     """
 
     def __init__(self) -> None:
-        self._parts: deque[tuple[Event, ...] | None] = deque()
+        self._parts: deque[Sequence[Event] | None] = deque()
         self._offset = 0  # events of _parts[0] already read
         self._size = 0
         self._ready = asyncio.Event()
@@ -45,7 +54,7 @@ class EventQueue:
         """Nothing to read (not even the end marker)."""
         return not self._parts
 
-    def put_many(self, events: tuple[Event, ...]) -> None:
+    def put_many(self, events: Sequence[Event]) -> None:
         """Append one published tuple (shared, never copied)."""
         if events:
             self._parts.append(events)
@@ -145,7 +154,7 @@ class Store:
 
     # ------------------------------------------------------------ writing
 
-    def commit_snapshot(self, node: str, sequence: int, reason: str) -> tuple[Event, ...]:
+    def commit_snapshot(self, node: str, sequence: int, reason: str) -> Sequence[Event]:
         """Swap in the snapshot received for `node` and publish what changed."""
         events = self.index.commit_snapshot(node, sequence)
         self.metrics.snapshots.labels(reason).inc()
@@ -157,7 +166,7 @@ class Store:
         node: str,
         epoch: str,
         sequence: int,
-        changes: Iterable[Change],
+        changes: Iterable[tuple[Op, bytes, Meta]],
         *,
         protocol: str,
         observed_ns: int | None = None,
@@ -214,9 +223,9 @@ class Store:
                 gauge.remove(node)
         return len(events)
 
-    def _applied(self, node: str, events: tuple[Event, ...]) -> None:
-        for ev in events:
-            self.metrics.changes.labels(_OP_LABEL[ev.kind]).inc()
+    def _applied(self, node: str, events: Sequence[Event]) -> None:
+        for kind, count in count_kinds(events).items():
+            self.metrics.changes.labels(_OP_LABEL[kind]).inc(count)
         info = self.index.watcher(node)
         if info is not None:
             self.metrics.watcher_files.labels(node).set(info.file_count)
@@ -230,11 +239,12 @@ class Store:
         """WatchFiles readers subscribed now."""
         return len(self._subscribers)
 
-    def publish(self, events: tuple[Event, ...]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         """Record applied events and hand them to every reader."""
         if not events:
             return
-        self._history.extend(events)
+        if self._history.maxlen:  # only what it keeps: the events of an AddedRun are made lazily
+            self._history.extend(events[-self._history.maxlen :])
         for sub in list(self._subscribers):
             if sub.queue.qsize() >= sub.maxsize:  # `maxsize` events unread: too slow
                 self.metrics.readers_dropped.inc()

@@ -125,7 +125,7 @@ PROJECT = ("aggregator/", "watcher/", "common/", "gen/")
 def explain(frame: str) -> str:
     """A hint for frames whose names say little."""
     if frame.startswith("<lambda> (<string>:1)"):
-        return "  [likely a NamedTuple __new__: FileMeta, Change, Entry, Event...]"
+        return "  [likely a NamedTuple __new__: Change, Entry, Event...]"
     if frame.startswith("Thread.run (threading.py"):
         return "  [a non-loop thread: grpc.aio's poller, watchdog's observer...]"
     if frame.startswith("__create_fn__"):

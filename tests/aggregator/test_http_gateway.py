@@ -23,7 +23,7 @@ from aiohttp import web
 from aggregator.app import Aggregator
 from aggregator.config import AggregatorConfig
 from aggregator.http_gateway import BODIES, make_app
-from aggregator.index import Change, FileMeta, Index, Op
+from aggregator.index import Change, Index, Meta, Op, pack_meta
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
 
@@ -51,7 +51,7 @@ class Gateway:
         ) as response:
             return response.status, response.headers, await response.read()
 
-    def install(self, node: str, files: Mapping[bytes, FileMeta], sequence: int = 0) -> None:
+    def install(self, node: str, files: Mapping[bytes, Meta], sequence: int = 0) -> None:
         """Install `files` as the snapshot of `node`, as the Sync stream does."""
         index = self.store.index
         index.begin_snapshot(node, "epoch-1")
@@ -84,9 +84,9 @@ async def gateway() -> AsyncIterator[Gateway]:
         await runner.cleanup()
 
 
-def meta(size: int = 1, mtime_ns: int = MTIME_NS) -> FileMeta:
+def meta(size: int = 1, mtime_ns: int = MTIME_NS) -> Meta:
     """File metadata with defaults."""
-    return FileMeta(size, mtime_ns)
+    return pack_meta(size, mtime_ns)
 
 
 def decode(body: bytes) -> Any:

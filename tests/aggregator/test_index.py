@@ -16,9 +16,13 @@ from aggregator.index import (
     Entry,
     Event,
     EventKind,
-    FileMeta,
     Index,
+    Meta,
     Op,
+    WatcherInfo,
+    count_kinds,
+    pack_meta,
+    unpack_meta,
 )
 from aggregator.names import display_name, raw_name
 
@@ -30,14 +34,14 @@ NON_UTF8 = b"\xff\xfe.txt"
 LONG = b"x" * 255
 
 
-def m(size: int, mtime_ns: int = 1_700_000_000_000_000_000) -> FileMeta:
-    return FileMeta(size=size, mtime_ns=mtime_ns)
+def m(size: int, mtime_ns: int = 1_700_000_000_000_000_000) -> Meta:
+    return pack_meta(size, mtime_ns)
 
 
 def install(
     index: Index,
     node: str,
-    files: Mapping[bytes, FileMeta],
+    files: Mapping[bytes, Meta],
     *,
     epoch: str = "e1",
     sequence: int = 0,
@@ -48,7 +52,7 @@ def install(
     items = list(files.items())
     for start in range(0, len(items), chunk):
         index.extend_snapshot(node, items[start : start + chunk])
-    return index.commit_snapshot(node, sequence)
+    return tuple(index.commit_snapshot(node, sequence))
 
 
 def keys(index: Index) -> list[tuple[str, str]]:
@@ -94,8 +98,8 @@ A, B, C = b"a.txt", b"b.txt", b"c.txt"
     ],
 )
 def test_snapshot_replaces_the_watchers_list(
-    old: dict[bytes, FileMeta],
-    new: dict[bytes, FileMeta],
+    old: dict[bytes, Meta],
+    new: dict[bytes, Meta],
     expected_events: list[tuple[EventKind, bytes]],
 ) -> None:
     index = Index()
@@ -301,7 +305,7 @@ INITIAL = {A: m(1), B: m(2)}
 )
 def test_apply_batch_changes(
     changes: list[Change],
-    expected_files: dict[bytes, FileMeta],
+    expected_files: dict[bytes, Meta],
     expected_events: list[tuple[EventKind, bytes]],
 ) -> None:
     index = Index()
@@ -325,10 +329,14 @@ def test_events_carry_the_entry_as_readers_see_it() -> None:
     index = Index()
     install(index, "n", {A: m(1, 11)})
     result = index.apply_batch("n", "e1", 1, [Change(Op.MODIFY, A, m(42, 99))])
-    assert result.events == (Event(MODIFIED, Entry("a.txt", "n", A, 42, 99), index.version),)
+    assert [(ev.kind, ev.entry, ev.version) for ev in result.events] == [
+        (MODIFIED, Entry("a.txt", "n", A, 42, 99), index.version)
+    ]
     result = index.apply_batch("n", "e1", 2, [Change(Op.REMOVE, A)])
     # A removal reports the entry's last known metadata.
-    assert result.events == (Event(REMOVED, Entry("a.txt", "n", A, 42, 99), index.version),)
+    assert [(ev.kind, ev.entry, ev.version) for ev in result.events] == [
+        (REMOVED, Entry("a.txt", "n", A, 42, 99), index.version)
+    ]
 
 
 def test_version_bumped_once_per_applied_event() -> None:
@@ -399,7 +407,7 @@ def test_remove_watcher_with_a_snapshot_in_progress_forgets_it() -> None:
 
 # ---------------------------------------------------------------- sorting and paging
 
-SORT_FILES: dict[str, dict[bytes, FileMeta]] = {
+SORT_FILES: dict[str, dict[bytes, Meta]] = {
     "n2": {b"apple": m(1), NON_UTF8: m(2), EMOJI: m(3)},
     "n1": {
         EMOJI: m(1),
@@ -452,9 +460,44 @@ def test_entries_sorted_by_code_point_then_node(sorted_index: Index) -> None:
 def test_display_names_are_lossless(sorted_index: Index) -> None:
     for entry in sorted_index.entries():
         assert raw_name(entry.filename) == entry.raw_name
-        assert SORT_FILES[entry.node][entry.raw_name].size == entry.size
+        assert SORT_FILES[entry.node][entry.raw_name] == pack_meta(entry.size, entry.mtime_ns)
     odd = [e for e in sorted_index.entries() if e.raw_name == NON_UTF8]
     assert [e.filename for e in odd] == ["\udcff\udcfe.txt"] * 2
+
+
+names_strategy = st.binary(min_size=1, max_size=12).filter(lambda b: b"\x00" not in b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    files=st.lists(
+        st.tuples(names_strategy, st.sampled_from(["n", "n1", "n10", "é", "n\udcff"])),
+        max_size=40,
+    )
+)
+def test_order_is_display_name_then_node_for_any_bytes(files: list[tuple[bytes, str]]) -> None:
+    index = Index()
+    by_node: dict[str, dict[bytes, Meta]] = {}
+    for name, node in files:
+        by_node.setdefault(node, {})[name] = m(len(name))
+    for node, names in by_node.items():
+        install(index, node, names, epoch=node, chunk=7)
+    expected = sorted({(display_name(name), node) for name, node in files})
+    assert keys(index) == expected
+    assert [(e.raw_name, e.size) for e in index.entries()] == [
+        (raw_name(name), len(raw_name(name))) for name, _ in expected
+    ]
+
+
+@pytest.mark.parametrize(
+    ("size", "mtime_ns"),
+    [(0, 0), (1, -1), (2**63, -(2**63)), (12345, 2**63 - 1), (7, 1_700_000_000_123_456_789)],
+)
+def test_meta_packs_any_size_and_int64_mtime(size: int, mtime_ns: int) -> None:
+    assert unpack_meta(pack_meta(size, mtime_ns)) == (size, mtime_ns)
+    index = Index()
+    install(index, "n", {A: pack_meta(size, mtime_ns)})
+    assert [(e.size, e.mtime_ns) for e in index.entries()] == [(size, mtime_ns)]
 
 
 def test_non_utf8_and_its_replacement_form_are_distinct_entries() -> None:
@@ -607,13 +650,13 @@ class SimWatcher:
     """A watcher whose batches travel over an unreliable network to an Index."""
 
     index: Index
-    model: dict[bytes, FileMeta]
+    model: dict[bytes, Meta]
     epoch_no: int = 0
     sequence: int = 0
     pending: list[Change] = field(default_factory=list)
     sent: dict[int, tuple[Change, ...]] = field(default_factory=dict)
     # The folder as of (epoch, sequence): what the index must hold at that position.
-    state_at: dict[tuple[str, int], dict[bytes, FileMeta]] = field(default_factory=dict)
+    state_at: dict[tuple[str, int], dict[bytes, Meta]] = field(default_factory=dict)
     inflight: list[Msg] = field(default_factory=list)
     resyncs: int = 0
 
@@ -732,7 +775,7 @@ steps_strategy = st.lists(
     final_snapshot=st.booleans(),
 )
 def test_index_converges_to_the_folder_despite_an_unreliable_network(
-    initial: dict[bytes, FileMeta], steps: list[tuple[str, int, int]], final_snapshot: bool
+    initial: dict[bytes, Meta], steps: list[tuple[str, int, int]], final_snapshot: bool
 ) -> None:
     index = Index()
     install(index, "peer", PEER_FILES, epoch="peer")
@@ -772,7 +815,61 @@ def test_index_converges_to_the_folder_despite_an_unreliable_network(
             assert result.status is BatchStatus.APPLIED
     assert index.files_of(NODE) == sim.model
     mine = [e for e in index.entries() if e.node == NODE]
-    assert [(e.raw_name, FileMeta(e.size, e.mtime_ns)) for e in mine] == sorted(
+    assert [(e.raw_name, pack_meta(e.size, e.mtime_ns)) for e in mine] == sorted(
         sim.model.items(), key=lambda item: display_name(item[0])
     )
     sim.check_global()
+
+
+# ---------------------------------------------------------------- bulk snapshots
+
+BULK = 25_000  # beyond the size where a snapshot is merged in bulk
+
+
+def bulk_files(prefix: bytes, count: int) -> dict[bytes, Meta]:
+    # Descending, so that the bulk path must sort.
+    return {b"%s%06d" % (prefix, i): m(i) for i in reversed(range(count))}
+
+
+@pytest.mark.parametrize("others", [0, 3])
+def test_bulk_snapshot_merges_in_order_and_reports_each_add(others: int) -> None:
+    index = Index()
+    install(index, "other", {b"f%06d-x" % (i * 9000): m(0) for i in range(others)})
+    before = index.version
+    files = bulk_files(b"f", BULK)
+    index.begin_snapshot("n", "e1")
+    index.extend_snapshot("n", files.items())
+    events = index.commit_snapshot("n", 4)
+    assert len(events) == BULK
+    assert count_kinds(events) == {ADDED: BULK}
+    assert_versions(before, list(events), index)
+    assert events[0].entry == Entry("f000000", "n", b"f000000", 0, 1_700_000_000_000_000_000)
+    assert events[-1].entry.raw_name == b"f%06d" % (BULK - 1)
+    assert [ev.version for ev in events[-3:]] == [
+        index.version - 2,
+        index.version - 1,
+        index.version,
+    ]
+    with pytest.raises(IndexError):
+        events[BULK]
+    assert keys(index) == sorted(
+        [(name.decode(), "n") for name in files]
+        + [(f"f{i * 9000:06d}-x", "other") for i in range(others)]
+    )
+    assert index.files_of("n") == files
+    assert index.watcher("n") == WatcherInfo("n", "e1", 4, BULK, True)
+
+
+def test_bulk_resnapshot_removes_what_went_then_adds_the_rest() -> None:
+    index = Index()
+    install(index, "n", {b"old-1": m(1), b"keep": m(2)})
+    files = bulk_files(b"new-", BULK) | {b"keep": m(3)}
+    before = index.version
+    index.begin_snapshot("n", "e1")
+    index.extend_snapshot("n", files.items())
+    events = index.commit_snapshot("n", 1)
+    assert kinds(events[:2]) == [(REMOVED, b"old-1"), (MODIFIED, b"keep")]
+    assert count_kinds(events) == {REMOVED: 1, MODIFIED: 1, ADDED: BULK}
+    assert_versions(before, list(events), index)
+    assert index.files_of("n") == files
+    assert len(index) == BULK + 1

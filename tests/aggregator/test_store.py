@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from aggregator.errors import LimitExceededError
-from aggregator.index import BatchStatus, Change, Event, FileMeta, Index, Op
+from aggregator.index import BatchStatus, Change, Event, Index, Op, pack_meta
 from aggregator.store import Store, Subscriber
 from aggregator.telemetry import Metrics
 
@@ -36,13 +36,13 @@ def snapshot(
     store: Store, node: str, names: list[bytes], *, sequence: int = 0
 ) -> tuple[Event, ...]:
     store.index.begin_snapshot(node, "e")
-    store.index.extend_snapshot(node, [(n, FileMeta(1, 1)) for n in names])
-    return store.commit_snapshot(node, sequence, "initial")
+    store.index.extend_snapshot(node, [(n, pack_meta(1, 1)) for n in names])
+    return tuple(store.commit_snapshot(node, sequence, "initial"))
 
 
 def add(store: Store, node: str, sequence: int, *names: bytes) -> tuple[Event, ...]:
     result = store.apply_batch(
-        node, "e", sequence, [Change(Op.ADD, n, FileMeta(1, 1)) for n in names], protocol="grpc"
+        node, "e", sequence, [Change(Op.ADD, n, pack_meta(1, 1)) for n in names], protocol="grpc"
     )
     assert result.status is BatchStatus.APPLIED
     return result.events
@@ -227,3 +227,21 @@ async def test_history_since_current_is_empty_tuple_and_full_history_reaches_zer
     assert store.history_since(2) == ()
     assert store.history_since(0) == events
     assert store.history_since(1) == events[1:]
+
+
+async def test_a_bulk_snapshot_reaches_readers_history_and_counters_whole() -> None:
+    store = make_store(history=100, reader_queue=50_000)
+    sub = store.subscribe()
+    names = [b"f%06d" % i for i in range(20_000)]  # big enough for the bulk path
+    published = snapshot(store, "n", names)
+    assert len(published) == len(names)
+    got = [sub.queue.get_nowait() for _ in names]
+    assert [ev.entry.raw_name for ev in got if ev is not None] == names
+    assert sub.queue.empty()
+    assert sample(store, "filewatch_changes_applied_total", {"op": "add"}) == len(names)
+    assert sample(store, "filewatch_files") == len(names)
+    version = store.index.version
+    backlog = store.history_since(version - 100)
+    assert backlog is not None
+    assert [ev.version for ev in backlog] == list(range(version - 99, version + 1))
+    assert store.history_since(version - 101) is None  # beyond what history keeps
