@@ -25,6 +25,7 @@ from aggregator.index import Index
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, ListFetcher
 from aggregator.liveness import Liveness
+from aggregator.memory import MemoryTrimmer
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
 from common.tracing import tracer_provider_from_env
@@ -171,10 +172,13 @@ class Aggregator:
         )
 
     async def _reap(self) -> None:
-        """Remove the files of watchers whose TTL ran out."""
+        """Remove the files of watchers whose TTL ran out; hand freed memory back."""
         period = min(1.0, self.config.ttl / 4)
+        trimmer = MemoryTrimmer(self.config.trim_after_files, self.store.forget_history)
         while True:
             await asyncio.sleep(period)
+            if self.config.trim_after_files:
+                await trimmer.maybe_trim(len(self.store.index))
             for node in self.liveness.expired(time.monotonic()):
                 removed = self.store.remove_watcher(node)
                 self.metrics.watchers_expired.inc()

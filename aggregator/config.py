@@ -67,6 +67,9 @@ class AggregatorConfig:
     """Largest legacy request body accepted (413 beyond)."""
     max_list_bytes: int = 256 * 1024 * 1024
     """Largest legacy watcher list fetched."""
+    trim_after_files: int = 50_000
+    """Files that must leave the index (from its high-water mark) before freed memory is
+    handed back to the OS; 0: never."""
 
     def __post_init__(self) -> None:
         for name in ("ttl", "hello_timeout", "keepalive", "grace", "fetch_timeout", "gap_wait"):
@@ -95,6 +98,8 @@ class AggregatorConfig:
             raise ValueError("--fetch-timeout and --gap-wait must be positive")
         if min(self.max_body_bytes, self.max_list_bytes) <= 0:
             raise ValueError("--max-body-bytes and --max-list-bytes must be positive")
+        if self.trim_after_files < 0:
+            raise ValueError("--trim-after-files must not be negative")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -181,6 +186,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=d.max_list_bytes,
         type=int,
     )
+    opt(
+        "--trim-after-files",
+        help="files leaving the index before freed memory goes back to the OS (0: never)",
+        default=d.trim_after_files,
+        type=int,
+    )
     return p
 
 
@@ -213,4 +224,5 @@ def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
         gap_wait=ns.gap_wait,
         max_body_bytes=ns.max_body_bytes,
         max_list_bytes=ns.max_list_bytes,
+        trim_after_files=ns.trim_after_files,
     )

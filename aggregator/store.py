@@ -277,6 +277,16 @@ class Store:
             return None
         return tuple(ev for ev in self._history if ev.version > version)
 
+    def forget_history(self) -> None:
+        """Drop the kept events: a reader resuming from before now gets the list instead.
+
+        Called before memory is handed back after a mass removal. Kept events
+        share keys and metas with the index; the last ones would pin objects
+        scattered over the whole heap and keep most of CPython's arenas from
+        being returned (copies do not help: they land in those same arenas).
+        """
+        self._history.clear()
+
     def close_readers(self, reason: str) -> None:
         """End every reader (shutdown)."""
         for sub in self._subscribers:

@@ -245,3 +245,16 @@ async def test_a_bulk_snapshot_reaches_readers_history_and_counters_whole() -> N
     assert backlog is not None
     assert [ev.version for ev in backlog] == list(range(version - 99, version + 1))
     assert store.history_since(version - 101) is None  # beyond what history keeps
+
+
+async def test_forgotten_history_sends_resuming_readers_to_the_list() -> None:
+    store = make_store()
+    snapshot(store, "n", [b"a", b"b"])
+    version = store.index.version
+    add(store, "n", 1, b"c")
+    assert [ev.entry.raw_name for ev in store.history_since(version) or ()] == [b"c"]
+    store.forget_history()
+    assert store.history_since(version) is None
+    assert store.history_since(store.index.version) == ()
+    add(store, "n", 2, b"d")  # kept again from here on
+    assert [ev.entry.raw_name for ev in store.history_since(version + 1) or ()] == [b"d"]

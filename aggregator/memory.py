@@ -1,0 +1,88 @@
+"""Giving the memory of files that left back to the operating system.
+
+CPython hands its small-object arenas back when they empty, but every dict,
+list and buffer over 512 bytes comes from the C allocator, and glibc keeps the
+pages it freed inside its heaps until asked for them. So after many files
+leave the index (a big watcher gone, a load over), the aggregator asks: once
+the index has shrunk by `--trim-after-files` from its high-water mark, it runs
+a full garbage collection and then glibc's `malloc_trim(0)` in a worker thread
+(it releases the GIL), and logs what came back. On a C library without
+`malloc_trim` (musl, macOS) it does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import os
+import time
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    fn = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if fn is None:
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+malloc_trim = _find_malloc_trim()
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (0 where /proc is not available)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class MemoryTrimmer:
+    """Trims the C heap once the index has shrunk by `threshold` files.
+
+    Owned by the event loop: `maybe_trim` is called with the index size from
+    a periodic task, and at most one trim runs at a time. `release` runs first,
+    on the loop: it lets go of what would pin freed memory (see
+    `Store.forget_history`).
+    """
+
+    def __init__(self, threshold: int, release: Callable[[], None] = lambda: None) -> None:
+        self._threshold = threshold
+        self._release = release
+        self._high = 0  # most files held since the last trim
+
+    async def maybe_trim(self, files: int) -> bool:
+        """Trim if `files` is `threshold` below the high-water mark; True if it did."""
+        self._high = max(self._high, files)
+        if malloc_trim is None or self._high - files < self._threshold:
+            return False
+        released_files, self._high = self._high - files, files
+        before = await asyncio.to_thread(rss_bytes)
+        self._release()
+        started = time.perf_counter()
+        # Cycles (ended calls, tasks, tracebacks) wait for a full collection that a
+        # big heap of long-lived objects makes rare; the index itself is not
+        # tracked by the collector (bytes and ints), so this is quick.
+        gc.collect()
+        collect_ms = (time.perf_counter() - started) * 1000
+        await asyncio.to_thread(malloc_trim, 0)
+        after = await asyncio.to_thread(rss_bytes)
+        log.info(
+            "memory_trimmed",
+            files_released=released_files,
+            gc_collect_ms=round(collect_ms, 1),
+            rss_before_mib=round(before / 2**20, 1),
+            rss_after_mib=round(after / 2**20, 1),
+        )
+        return True

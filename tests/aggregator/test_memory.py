@@ -1,0 +1,35 @@
+"""Freed memory goes back to the OS once many files have left (glibc's malloc_trim)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aggregator.memory import MemoryTrimmer, malloc_trim, rss_bytes
+
+needs_glibc = pytest.mark.skipif(malloc_trim is None, reason="no malloc_trim in this C library")
+
+
+@needs_glibc
+async def test_trims_only_once_the_index_shrank_by_the_threshold() -> None:
+    trimmer = MemoryTrimmer(threshold=1000)
+    assert not await trimmer.maybe_trim(5000)  # the high-water mark
+    assert not await trimmer.maybe_trim(4500)  # down 500
+    assert not await trimmer.maybe_trim(6000)  # a new mark
+    assert await trimmer.maybe_trim(5000)  # down 1000 from it
+    assert not await trimmer.maybe_trim(4500)  # the mark is now 5000
+    assert await trimmer.maybe_trim(0)
+
+
+@needs_glibc
+async def test_a_trim_hands_freed_heap_pages_back() -> None:
+    # 64 MiB in 2 KiB buffers (from malloc, not CPython's arenas), pinned by one
+    # later allocation so that glibc cannot simply shrink its heap from the top.
+    blocks = [bytearray(2048) for _ in range(32 * 1024)]
+    pin = bytearray(2048)
+    before_free = rss_bytes()
+    del blocks
+    trimmer = MemoryTrimmer(threshold=1)
+    await trimmer.maybe_trim(1)
+    assert await trimmer.maybe_trim(0)
+    assert rss_bytes() < before_free - 32 * 2**20
+    del pin
