@@ -68,8 +68,7 @@ class AggregatorConfig:
     max_list_bytes: int = 256 * 1024 * 1024
     """Largest legacy watcher list fetched."""
     trim_after_files: int = 50_000
-    """Files that must leave the index (from its high-water mark) before freed memory is
-    handed back to the OS; 0: never."""
+    """Files the index must grow or shrink by before freed memory goes back to the OS; 0: never."""
 
     def __post_init__(self) -> None:
         for name in ("ttl", "hello_timeout", "keepalive", "grace", "fetch_timeout", "gap_wait"):
@@ -188,7 +187,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt(
         "--trim-after-files",
-        help="files leaving the index before freed memory goes back to the OS (0: never)",
+        help="files the index grows or shrinks by before memory goes back to the OS (0: never)",
         default=d.trim_after_files,
         type=int,
     )

@@ -1,13 +1,14 @@
-"""Giving the memory of files that left back to the operating system.
+"""Giving freed memory back to the operating system.
 
 CPython hands its small-object arenas back when they empty, but every dict,
 list and buffer over 512 bytes comes from the C allocator, and glibc keeps the
 pages it freed inside its heaps until asked for them. So after many files
-leave the index (a big watcher gone, a load over), the aggregator asks: once
-the index has shrunk by `--trim-after-files` from its high-water mark, it runs
-a full garbage collection and then glibc's `malloc_trim(0)` in a worker thread
-(it releases the GIL), and logs what came back. On a C library without
-`malloc_trim` (musl, macOS) it does nothing.
+arrive (the buffers that carried them are free now) or leave the index (a big
+watcher gone, a load over), the aggregator asks: once the index has grown by
+`--trim-after-files` since the last trim, or shrunk by as many from its
+high-water mark, it runs a full garbage collection and then glibc's
+`malloc_trim(0)` in a worker thread (it releases the GIL), and logs what came
+back. On a C library without `malloc_trim` (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
@@ -49,27 +50,31 @@ def rss_bytes() -> int:
 
 
 class MemoryTrimmer:
-    """Trims the C heap once the index has shrunk by `threshold` files.
+    """Trims the C heap once the index has grown or shrunk by `threshold` files.
 
-    Owned by the event loop: `maybe_trim` is called with the index size from
-    a periodic task, and at most one trim runs at a time. `release` runs first,
-    on the loop: it lets go of what would pin freed memory (see
-    `Store.forget_history`).
+    Growth leaves the buffers that carried the new lists free in the heap;
+    shrinking leaves the files' own memory. Owned by the event loop:
+    `maybe_trim` is called with the index size from a periodic task, and at
+    most one trim runs at a time. After a shrink, `release` runs first, on the
+    loop: it lets go of what would pin freed memory (see `Store.forget_history`).
     """
 
     def __init__(self, threshold: int, release: Callable[[], None] = lambda: None) -> None:
         self._threshold = threshold
         self._release = release
-        self._high = 0  # most files held since the last trim
+        self._mark = 0  # files at the last trim
+        self._high = 0  # most files held since then
 
     async def maybe_trim(self, files: int) -> bool:
-        """Trim if `files` is `threshold` below the high-water mark; True if it did."""
+        """Trim if `files` is `threshold` above the last trim or below the high; True if so."""
         self._high = max(self._high, files)
-        if malloc_trim is None or self._high - files < self._threshold:
+        shrunk = self._high - files >= self._threshold
+        if malloc_trim is None or not (shrunk or files - self._mark >= self._threshold):
             return False
-        released_files, self._high = self._high - files, files
+        change, self._mark, self._high = files - self._mark, files, files
         before = await asyncio.to_thread(rss_bytes)
-        self._release()
+        if shrunk:
+            self._release()
         started = time.perf_counter()
         # Cycles (ended calls, tasks, tracebacks) wait for a full collection that a
         # big heap of long-lived objects makes rare; the index itself is not
@@ -80,7 +85,7 @@ class MemoryTrimmer:
         after = await asyncio.to_thread(rss_bytes)
         log.info(
             "memory_trimmed",
-            files_released=released_files,
+            files_change=change,
             gc_collect_ms=round(collect_ms, 1),
             rss_before_mib=round(before / 2**20, 1),
             rss_after_mib=round(after / 2**20, 1),

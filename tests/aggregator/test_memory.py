@@ -10,14 +10,19 @@ needs_glibc = pytest.mark.skipif(malloc_trim is None, reason="no malloc_trim in 
 
 
 @needs_glibc
-async def test_trims_only_once_the_index_shrank_by_the_threshold() -> None:
-    trimmer = MemoryTrimmer(threshold=1000)
-    assert not await trimmer.maybe_trim(5000)  # the high-water mark
-    assert not await trimmer.maybe_trim(4500)  # down 500
-    assert not await trimmer.maybe_trim(6000)  # a new mark
-    assert await trimmer.maybe_trim(5000)  # down 1000 from it
-    assert not await trimmer.maybe_trim(4500)  # the mark is now 5000
-    assert await trimmer.maybe_trim(0)
+async def test_trims_once_the_index_grew_or_shrank_by_the_threshold() -> None:
+    released = []
+    trimmer = MemoryTrimmer(threshold=1000, release=lambda: released.append(True))
+    assert not await trimmer.maybe_trim(500)
+    assert await trimmer.maybe_trim(1000)  # grew by 1000 since the start
+    assert not released  # what pins freed memory is let go only after a shrink
+    assert not await trimmer.maybe_trim(1500)  # the high-water mark
+    assert not await trimmer.maybe_trim(600)  # down 900
+    assert await trimmer.maybe_trim(500)  # down 1000 from it
+    assert released == [True]
+    assert not await trimmer.maybe_trim(1400)  # up 900 from the last trim
+    assert await trimmer.maybe_trim(1500)
+    assert released == [True]
 
 
 @needs_glibc
