@@ -14,7 +14,14 @@ import os
 import time
 from collections.abc import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
@@ -22,6 +29,13 @@ from watcher.scanner import FileStat, stat_file
 
 Observation = list[tuple[bytes, FileStat | None]]
 Sink = Callable[[Observation, int], None]
+
+# The events that can change which regular files exist or their size and mtime.
+# Watchdog builds the inotify mask from them, so the kernel does not even queue
+# opens, closes or the folder's own "modified" (a plain create would otherwise
+# bring five events, each through three threads). A file's last write reports
+# its final size; a close adds nothing to that.
+_EVENTS = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent]
 
 
 class _Handler(FileSystemEventHandler):
@@ -38,8 +52,6 @@ class _Handler(FileSystemEventHandler):
         return name
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
         observed = time.time_ns()
         names = [self._name(event.src_path)]
         if event.dest_path:
@@ -61,7 +73,9 @@ class FolderObserver:
     def start(self) -> None:
         """Start watching (raises OSError if the folder cannot be watched)."""
         observer = Observer()
-        observer.schedule(self._handler, os.fsdecode(self._folder), recursive=False)
+        observer.schedule(
+            self._handler, os.fsdecode(self._folder), recursive=False, event_filter=_EVENTS
+        )
         observer.daemon = True
         observer.start()
         self._observer = observer
