@@ -555,6 +555,24 @@ async def test_a_reconnect_within_the_ttl_keeps_the_files(
     second.call.cancel()
 
 
+async def test_heartbeats_set_the_position_gauges_again_after_a_rejoin(
+    aggregator: Aggregator, channel: Any
+) -> None:
+    last_seen = "filewatch_watcher_last_seen_timestamp_seconds"
+    behind = "filewatch_watcher_sequence_behind"
+    for round_ in range(2):
+        peer = Peer(channel, "node-a")
+        await peer.join([b"a.txt"], sequence=3)
+        before = time.time()
+        assert (await peer.heartbeat(sequence=3)).WhichOneof("kind") == "ack"
+        assert sample(aggregator, last_seen, node="node-a") >= before - 1, f"round {round_}"
+        assert sample(aggregator, behind, node="node-a") == 0
+        await peer.send(pb.WatcherMessage(goodbye=pb.Goodbye()))
+        assert await peer.status() == grpc.StatusCode.OK
+        # A watcher that left has no series left behind.
+        assert aggregator.metrics.registry.get_sample_value(last_seen, {"node": "node-a"}) is None
+
+
 # ---------------------------------------------------------------- Sync: bad input
 
 
