@@ -156,31 +156,28 @@ class _SyncStream:
         self.snapshot_count = 0
         self.awaiting_snapshot = False
         self.stop_reason: _Stop | None = None
-        self.wakeup = asyncio.Event()
+        # The handler's task while it serves the stream: what `kick` cancels.
+        self.task: asyncio.Task[object] | None = None
 
     def kick(self, code: grpc.StatusCode, details: str) -> None:
-        """End this stream from outside (superseded, shutdown)."""
-        if self.stop_reason is None:
-            self.stop_reason = _Stop(code, details)
-        self.wakeup.set()
+        """End this stream from outside (superseded, shutdown).
 
-    async def read(self, waiter: asyncio.Task[bool], timeout: float | None = None) -> object:  # noqa: ASYNC109 (one read, raced against a kick)
-        """The next message, or raise _Stop if kicked meanwhile."""
+        Cancels the handler wherever it waits (a read, mostly), so that an idle
+        stream costs one pending read and nothing else; `SyncService._serve`
+        turns that cancellation into `stop_reason`.
+        """
         if self.stop_reason is not None:
-            raise self.stop_reason
-        reader = asyncio.ensure_future(self.context.read())
-        done, _ = await asyncio.wait(
-            {reader, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if reader in done:
-            try:
-                return reader.result()
-            except DecodeError as exc:
-                raise InvalidInputError(f"malformed message: {exc}") from exc
-        reader.cancel()
-        if self.stop_reason is not None:
-            raise self.stop_reason
-        raise InvalidInputError("no hello within the hello timeout")
+            return
+        self.stop_reason = _Stop(code, details)
+        if self.task is not None:
+            self.task.cancel()
+
+    async def read(self) -> object:
+        """The next message, or grpc.aio.EOF."""
+        try:
+            return await self.context.read()
+        except DecodeError as exc:
+            raise InvalidInputError(f"malformed message: {exc}") from exc
 
 
 class SyncService(pb_grpc.WatcherSyncServicer):
@@ -224,13 +221,12 @@ class SyncService(pb_grpc.WatcherSyncServicer):
     ) -> None:
         stream = _SyncStream(self, context)
         self._streams.add(stream)
-        waiter = asyncio.ensure_future(stream.wakeup.wait())
         clean = False
         code = "OK"
         started = time.perf_counter()
         try:
             check_token(self._token, context.invocation_metadata())
-            clean = await self._serve(stream, waiter)
+            clean = await self._serve(stream)
         except _Stop as stop:
             code = stop.code.name
             await context.abort(stop.code, stop.details)
@@ -242,7 +238,6 @@ class SyncService(pb_grpc.WatcherSyncServicer):
             log.warning("sync_rejected", node=stream.node, error=str(err), code=code)
             await context.abort(status, str(err))
         finally:
-            waiter.cancel()
             self._streams.discard(stream)
             self._ended(stream, clean)
             self._store.metrics.grpc_requests.labels("Sync", code).inc()
@@ -267,16 +262,35 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         counts = self._liveness.count_by_protocol()
         self._store.metrics.watchers.labels(PROTOCOL).set(counts.get(PROTOCOL, 0))
 
-    async def _serve(self, stream: _SyncStream, waiter: asyncio.Task[bool]) -> bool:
-        """Run the stream; True if it ended cleanly (goodbye or half-close)."""
-        first = await stream.read(waiter, self._hello_timeout)
+    async def _serve(self, stream: _SyncStream) -> bool:
+        """Run the stream; True if it ended cleanly. Raises _Stop if kicked meanwhile."""
+        task = asyncio.current_task()
+        assert task is not None
+        stream.task = task
+        try:
+            return await self._converse(stream)
+        except asyncio.CancelledError:
+            if stream.stop_reason is None:
+                raise  # grpc cancelled the call itself
+            task.uncancel()
+            raise stream.stop_reason from None
+        finally:
+            stream.task = None  # a kick from now on has nothing to interrupt
+
+    async def _converse(self, stream: _SyncStream) -> bool:
+        """Hello, then messages until the end; True on goodbye or half-close."""
+        try:
+            async with asyncio.timeout(self._hello_timeout):
+                first = await stream.read()
+        except TimeoutError:
+            raise InvalidInputError("no hello within the hello timeout") from None
         if first is grpc.aio.EOF:
             return False
         if not isinstance(first, pb.WatcherMessage) or first.WhichOneof("kind") != "hello":
             raise InvalidInputError("the first message of a Sync stream must be a hello")
         await self._hello(stream, first.hello)
         while True:
-            msg = await stream.read(waiter)
+            msg = await stream.read()
             if msg is grpc.aio.EOF:
                 # grpc also ends the reads of a peer that died (SIGKILL, reset)
                 # with EOF: tell a real half-close apart before removing files.

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from opentelemetry.trace import SpanKind, Tracer
+from prometheus_client import Gauge
 
 from aggregator.errors import LimitExceededError
 from aggregator.index import (
@@ -151,6 +152,9 @@ class Store:
         self._reader_queue = reader_queue
         self._history: deque[Event] = deque(maxlen=history)
         self._subscribers: set[Subscriber] = set()
+        # node -> its (sequence_behind, last_seen) children: `labels()` costs more
+        # than the `set()` itself, and every heartbeat sets both.
+        self._position_gauges: dict[str, tuple[Gauge, Gauge]] = {}
 
     # ------------------------------------------------------------ writing
 
@@ -207,13 +211,22 @@ class Store:
 
     def position(self, node: str, announced: int, applied: int) -> None:
         """Record a watcher's sign of life: the sequence it announced and what we applied."""
-        self.metrics.sequence_behind.labels(node).set(max(0, announced - applied))
-        self.metrics.last_seen.labels(node).set(time.time())
+        gauges = self._position_gauges.get(node)
+        if gauges is None:
+            m = self.metrics
+            gauges = self._position_gauges[node] = (
+                m.sequence_behind.labels(node),
+                m.last_seen.labels(node),
+            )
+        behind, seen = gauges
+        behind.set(max(0, announced - applied))
+        seen.set(time.time())
 
     def remove_watcher(self, node: str) -> int:
         """Remove a watcher and publish its removals; returns how many files went."""
         events = self.index.remove_watcher(node)
         self._applied(node, events)
+        self._position_gauges.pop(node, None)
         for gauge in (
             self.metrics.watcher_files,
             self.metrics.sequence_behind,

@@ -555,6 +555,57 @@ async def test_a_reconnect_within_the_ttl_keeps_the_files(
     second.call.cancel()
 
 
+async def test_stop_ends_open_streams_with_unavailable_even_before_a_hello(
+    make_aggregator: AggregatorFactory,
+) -> None:
+    aggregator = await make_aggregator()
+    async with open_channel(aggregator) as channel:
+        idle = Peer(channel, "node-a")
+        await idle.join([b"a.txt"])  # waits in a read, as an idle watcher's stream does
+        silent = Peer(channel, "node-b")  # has not even said hello
+        await poll(lambda: aggregator.sync.stream_count == 2, what="both streams to open")
+        await asyncio.wait_for(aggregator.stop(), TIMEOUT)
+        assert await idle.status() == grpc.StatusCode.UNAVAILABLE
+        assert await silent.status() == grpc.StatusCode.UNAVAILABLE
+    assert aggregator.sync.stream_count == 0
+    # Shutdown is not a goodbye: the node's files were not removed.
+    assert aggregator.store.index.watcher("node-a") is not None
+
+
+async def test_a_stream_without_a_hello_ends_after_the_hello_timeout(
+    make_aggregator: AggregatorFactory,
+) -> None:
+    aggregator = await make_aggregator(hello_timeout=0.2)
+    async with open_channel(aggregator) as channel:
+        silent = Peer(channel, "node-a")
+        assert await silent.status() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hello" in (await silent.call.details())
+        # A stream that said hello in time is not bound by it.
+        peer = Peer(channel, "node-b")
+        await peer.join([b"b.txt"])
+        await asyncio.sleep(0.4)
+        assert (await peer.heartbeat()).WhichOneof("kind") == "ack"
+        peer.call.cancel()
+
+
+async def test_heartbeats_set_the_position_gauges_again_after_a_rejoin(
+    aggregator: Aggregator, channel: Any
+) -> None:
+    last_seen = "filewatch_watcher_last_seen_timestamp_seconds"
+    behind = "filewatch_watcher_sequence_behind"
+    for round_ in range(2):
+        peer = Peer(channel, "node-a")
+        await peer.join([b"a.txt"], sequence=3)
+        before = time.time()
+        assert (await peer.heartbeat(sequence=3)).WhichOneof("kind") == "ack"
+        assert sample(aggregator, last_seen, node="node-a") >= before - 1, f"round {round_}"
+        assert sample(aggregator, behind, node="node-a") == 0
+        await peer.send(pb.WatcherMessage(goodbye=pb.Goodbye()))
+        assert await peer.status() == grpc.StatusCode.OK
+        # A watcher that left has no series left behind.
+        assert aggregator.metrics.registry.get_sample_value(last_seen, {"node": "node-a"}) is None
+
+
 # ---------------------------------------------------------------- Sync: bad input
 
 
