@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     # No *_created series: less noise per scrape.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     configure(config.log_level, config.log_format, service="watcher", folder=config.dir)
+    # The modules just imported live as long as the process: kept out of the
+    # collector, they are not traversed again by each full collection that the
+    # first scan's ~2 objects per file set off (about 0.1 s at 100k files).
+    gc.freeze()
     try:
         asyncio.run(run(config))
     except WatcherError as err:

@@ -12,6 +12,7 @@ import contextlib
 import enum
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from opentelemetry.trace import SpanKind
 from common.tracing import inject
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
+from watcher.scanner import FileStat
 from watcher.state import Batch, FolderState, Op, chunked
 from watcher.telemetry import WatcherMetrics
 
@@ -86,6 +88,20 @@ def batch_to_pb(batch: Batch) -> pb.WatcherMessage:
     return pb.WatcherMessage(
         batch=pb.Batch(sequence=batch.sequence, changes=changes, observed_unix_ns=batch.observed_ns)
     )
+
+
+def snapshot_chunk_pb(files: Iterable[tuple[bytes, FileStat]]) -> pb.WatcherMessage:
+    """Snapshot files as one chunk message.
+
+    Each entry is added in place to the repeated field: building a `FileInfo`
+    per file and copying it in costs twice as much, 100k times over at start-up.
+    """
+    msg = pb.WatcherMessage()
+    msg.snapshot_chunk.SetInParent()
+    add = msg.snapshot_chunk.files.add
+    for name, (size, mtime_ns) in files:
+        add(name=name, size=size, mtime_ns=mtime_ns)
+    return msg
 
 
 class SyncClient:
@@ -315,10 +331,7 @@ class SyncClient:
         files, sequence = self._state.snapshot()
         started = time.perf_counter()
         for part in chunked(files, self._chunk_bytes):
-            chunk = pb.SnapshotChunk(
-                files=[pb.FileInfo(name=n, size=s.size, mtime_ns=s.mtime_ns) for n, s in part]
-            )
-            await call.write(pb.WatcherMessage(snapshot_chunk=chunk))
+            await call.write(snapshot_chunk_pb(part))
         await call.write(
             pb.WatcherMessage(snapshot_end=pb.SnapshotEnd(sequence=sequence, count=len(files)))
         )

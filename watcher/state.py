@@ -103,6 +103,13 @@ class FolderState:
         """
         touched = self._touched or set()
         self._touched = None
+        if scanned and not (self.files or self._dirty or touched):
+            # The first scan, undisturbed: every file is an addition. The same
+            # as observing each one, without 100k calls on the event loop.
+            self.files = dict(scanned)
+            self._dirty = dict.fromkeys(scanned)
+            self._first_observed_ns = observed_ns
+            return len(scanned), touched
         changed = 0
         for name in [n for n in self.files if n not in scanned and n not in touched]:
             changed += self.observe(name, None, observed_ns)

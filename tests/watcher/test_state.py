@@ -343,3 +343,34 @@ def test_chunked_splits_by_approximate_bytes(
 def test_chunked_accepts_a_generator() -> None:
     chunks = list(chunked(((bytes([i]), S1) for i in range(1, 10)), 66))
     assert [len(c) for c in chunks] == [2, 2, 2, 2, 1]
+
+
+def test_first_scan_makes_every_file_an_addition() -> None:
+    state = FolderState()
+    state.begin_scan()
+    scanned = {A: S1, B: S2}
+    assert state.finish_scan(scanned, 7) == (2, set())
+    scanned[C] = S3  # the state holds its own copy
+    assert state.files == {A: S1, B: S2}
+    assert state.take_batch(100) == Batch(
+        1, (Change(Op.ADD, A, S1), Change(Op.ADD, B, S2)), observed_ns=7
+    )
+
+
+def test_first_scan_with_events_during_it() -> None:
+    state = FolderState()
+    state.begin_scan()
+    state.observe(C, S2, 5)  # created after the scan passed
+    state.observe(B, None, 6)  # deleted after the scan saw it
+    changed, touched = state.finish_scan({A: S1, B: S1}, 7)
+    assert (changed, touched) == (1, {B, C})
+    assert state.files == {A: S1, C: S2}
+    assert net(state.take_batch(100)) == {Change(Op.ADD, A, S1), Change(Op.ADD, C, S2)}
+
+
+def test_scan_after_the_folder_was_forgotten_owes_only_the_net_change() -> None:
+    state = settled({A: S1})
+    state.observe(A, None, 2)  # the folder vanished; the removal is not sent yet
+    state.begin_scan()
+    assert state.finish_scan({A: S1, B: S2}, 3) == (2, set())
+    assert net(state.take_batch(100)) == {Change(Op.ADD, B, S2)}  # A is back as it was
