@@ -10,6 +10,7 @@ import prometheus_client
 
 from aggregator.app import run
 from aggregator.config import from_args
+from aggregator.memory import limit_malloc_arenas
 from common.logs import configure
 
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     # No *_created series: less noise per scrape.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     configure(config.log_level, config.log_format, service="aggregator", node="aggregator")
+    if config.malloc_arenas:
+        limit_malloc_arenas(config.malloc_arenas)  # before gRPC starts its threads
     asyncio.run(run(config))
     return 0
 

@@ -67,6 +67,8 @@ class AggregatorConfig:
     """Largest legacy request body accepted (413 beyond)."""
     max_list_bytes: int = 256 * 1024 * 1024
     """Largest legacy watcher list fetched."""
+    malloc_arenas: int = 2
+    """glibc malloc arenas at most (fewer threads' arenas: less memory held); 0: glibc's own."""
     trim_after_files: int = 50_000
     """Files the index must grow or shrink by before freed memory goes back to the OS; 0: never."""
 
@@ -97,8 +99,8 @@ class AggregatorConfig:
             raise ValueError("--fetch-timeout and --gap-wait must be positive")
         if min(self.max_body_bytes, self.max_list_bytes) <= 0:
             raise ValueError("--max-body-bytes and --max-list-bytes must be positive")
-        if self.trim_after_files < 0:
-            raise ValueError("--trim-after-files must not be negative")
+        if self.trim_after_files < 0 or self.malloc_arenas < 0:
+            raise ValueError("--trim-after-files and --malloc-arenas must not be negative")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -186,6 +188,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
     )
     opt(
+        "--malloc-arenas",
+        help="glibc malloc arenas at most (0: glibc's default)",
+        default=d.malloc_arenas,
+        type=int,
+    )
+    opt(
         "--trim-after-files",
         help="files the index grows or shrinks by before memory goes back to the OS (0: never)",
         default=d.trim_after_files,
@@ -223,5 +231,6 @@ def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
         gap_wait=ns.gap_wait,
         max_body_bytes=ns.max_body_bytes,
         max_list_bytes=ns.max_list_bytes,
+        malloc_arenas=ns.malloc_arenas,
         trim_after_files=ns.trim_after_files,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.memory import MemoryTrimmer, malloc_trim, rss_bytes
+from aggregator.memory import MemoryTrimmer, limit_malloc_arenas, malloc_trim, rss_bytes
 
 needs_glibc = pytest.mark.skipif(malloc_trim is None, reason="no malloc_trim in this C library")
 
@@ -38,3 +38,9 @@ async def test_a_trim_hands_freed_heap_pages_back() -> None:
     assert await trimmer.maybe_trim(0)
     assert rss_bytes() < before_free - 32 * 2**20
     del pin
+
+
+@needs_glibc
+def test_malloc_arenas_can_be_capped() -> None:
+    assert limit_malloc_arenas(8)  # glibc's own cap on a small machine: harmless here
+    assert not limit_malloc_arenas(0)
