@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN := .run
 AGGREGATOR_ADDRESS ?= grpc://127.0.0.1:50051
 
-.PHONY: install proto check-proto fmt lint test run stop bench clean tools check-observability observe
+.PHONY: install proto check-proto fmt lint test run stop bench soak clean tools check-observability observe
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ $(BENCH_STAMP): $(STAMP)
 # Every scenario of SPEC 9 (several minutes); QUICK=1 is the one-minute smoke run.
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# The full load of issue 5: 200 watchers x 1,000 files, 60 s of churn, twice (~3 min).
+soak: $(STAMP)
+	FILEWATCH_SOAK=1 $(PY) -m pytest -p no:cacheprovider -s tests/faults/test_load.py
 
 clean: stop
 	rm -rf $(RUN) .mypy_cache .ruff_cache .pytest_cache

@@ -9,7 +9,7 @@ equal the union of the truths, entry by entry (name, node, size). Then they
 all say goodbye and the aggregator's memory must come back down.
 
 `make test` runs a scaled-down load (50 watchers x 200 files, 10 s of churn);
-FILEWATCH_SOAK=1 (set by `make bench`) runs the full one (200 x 1,000, 60 s).
+FILEWATCH_SOAK=1 (`make soak`) runs the full one (200 x 1,000, 60 s).
 """
 
 from __future__ import annotations
