@@ -29,7 +29,7 @@ from aggregator.errors import (
     LimitExceededError,
     UnauthenticatedError,
 )
-from aggregator.index import Entry, Index, Key, entry_of
+from aggregator.index import Entry, Index, Key, entry_of, key_filename
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, add_routes
 from aggregator.names import rfc3339
@@ -59,7 +59,7 @@ def json_string(text: str) -> bytes:
 def encode_page(index: Index, keys: list[Key], detail: bool) -> bytes:
     """The entries of one page of the index, as comma-separated JSON objects."""
     if not detail:
-        names = [key[: key.index(0)].decode("utf-8", "surrogatepass") for key in keys]
+        names = [key_filename(key) for key in keys]
         try:  # one orjson call for the whole page; names with undecodable bytes fall back
             return orjson.dumps([{"filename": name} for name in names])[1:-1]
         except orjson.JSONEncodeError:

@@ -78,6 +78,11 @@ def key_filename(key: Key) -> str:
     return key[: key.index(0)].decode("utf-8", "surrogatepass")
 
 
+def key_raw_name(key: Key) -> bytes:
+    """The raw name of a key, byte for byte as the watcher sent it."""
+    return key_filename(key).encode("utf-8", "surrogateescape")
+
+
 class Op(enum.Enum):
     """A change as reported by a watcher. ADD and MODIFY are both upserts."""
 
@@ -116,8 +121,7 @@ def entry_of(key: Key, meta: Meta) -> Entry:
     """The reader's view of one key and its meta."""
     filename, node = split_key(key)
     size, mtime_ns = unpack_meta(meta)
-    raw = filename.encode("utf-8", "surrogateescape")
-    return Entry(filename, node, raw, size, mtime_ns)
+    return Entry(filename, node, filename.encode("utf-8", "surrogateescape"), size, mtime_ns)
 
 
 class Event(NamedTuple):
@@ -300,7 +304,7 @@ class Index:
         w = self._watchers.get(node)
         if w is None:
             return {}
-        return {entry_of(key, 0).raw_name: meta for key, meta in w.files.items()}
+        return {key_raw_name(key): meta for key, meta in w.files.items()}
 
     # ------------------------------------------------------------ snapshots
 
