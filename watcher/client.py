@@ -14,7 +14,6 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import structlog
@@ -270,9 +269,17 @@ class SyncClient:
         reader: asyncio.Future[None],
     ) -> None:
         st = self._state
+        wake = self._wake
+        # The end of the stream and a stop wake the loop like a change does: it
+        # waits on one event, with no task or asyncio.wait per change.
         stopper = asyncio.ensure_future(stop.wait())
+        stopper.add_done_callback(lambda _: wake.set())
+        reader.add_done_callback(lambda _: wake.set())
         try:
             while True:
+                if reader.done():
+                    reader.result()  # raises why the stream ended
+                    return
                 if stop.is_set():
                     await call.write(pb.WatcherMessage(goodbye=pb.Goodbye()))
                     await call.done_writing()
@@ -291,19 +298,13 @@ class SyncClient:
                     if batch is not None:
                         await self._send_batch(call, batch)
                     continue
-                self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
-                waitables: set[asyncio.Future[Any]] = {waiter, stopper, reader}
-                done, _ = await asyncio.wait(
-                    waitables,
-                    timeout=self._heartbeat,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                waiter.cancel()
-                if reader in done:
-                    reader.result()  # raises why the stream ended
-                    return
-                if not done:
+                wake.clear()
+                if reader.done() or stop.is_set() or self._resync or st.pending:
+                    continue  # it happened just before the clear
+                try:
+                    async with asyncio.timeout(self._heartbeat):
+                        await wake.wait()
+                except TimeoutError:
                     await call.write(
                         pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=st.sequence))
                     )
