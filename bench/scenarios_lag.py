@@ -547,7 +547,7 @@ def run_move(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
     res.checks.append(Check("rename p50 / create p50", r, 1.5, "x"))
     if not math.isnan(summarize(lags["move out"])["p50"]):
         res.notes.append(
-            "move out: watchdog holds an unpaired IN_MOVED_FROM up to 0.5 s waiting for "
-            "its IN_MOVED_TO; that wait is in the figure"
+            "move out: the watcher lets watchdog hold an unpaired IN_MOVED_FROM 2 ms (not "
+            "its default 0.5 s) waiting for its IN_MOVED_TO; that wait is in the figure"
         )
     return [res]

@@ -10,6 +10,7 @@ duplicated event can only confirm the truth, never invent a file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +37,18 @@ Sink = Callable[[Observation, int], None]
 # bring five events, each through three threads). A file's last write reports
 # its final size; a close adds nothing to that.
 _EVENTS = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent]
+
+# On Linux watchdog holds an IN_MOVED_FROM for 0.5 s, hoping to pair it with its
+# IN_MOVED_TO, and every later event waits behind it: a file moved out of the
+# folder would vanish half a second late, and a change right after it too. We
+# stat every name an event touches, so a rename that arrives as "deleted" plus
+# "created" ends the same; the two halves of a rename inside the folder come in
+# one read of the inotify queue, so 2 ms still pairs them.
+_MOVE_PAIRING_SECONDS = 0.002
+with contextlib.suppress(ImportError):  # not on Linux: no inotify
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    InotifyMoveEventGrouper.delay = _MOVE_PAIRING_SECONDS
 
 
 class _Handler(FileSystemEventHandler):
