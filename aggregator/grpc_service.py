@@ -89,48 +89,29 @@ def entry_to_pb(entry: Entry) -> pb.FileEntry:
     )
 
 
-def _bad_name(raw: bytes) -> bool:
-    """Whether a name needs `invalid_name_reason` (a fast test for the common case)."""
-    return not raw or len(raw) > 1024 or b"/" in raw or b"\x00" in raw or raw in _DOTS
-
-
-_DOTS = (b".", b"..")
-
-
 def changes_from_pb(batch: pb.Batch) -> list[tuple[Op, bytes, Meta]]:
     """Validate and convert a batch's changes; nothing is applied on error."""
-    ops = _OPS
     out = []
-    for ch in batch.changes:
-        f = ch.file
+    for i, ch in enumerate(batch.changes):
+        f, op = ch.file, _OPS.get(ch.op)
+        if op is None:
+            raise InvalidInputError(f"change {i}: unknown op {ch.op}")
         name = f.name
-        op = ops.get(ch.op)
-        if op is None or _bad_name(name):
-            raise InvalidInputError(_change_problem(batch))
+        reason = invalid_name_reason(name)
+        if reason:
+            raise InvalidInputError(f"change {i}: {reason}")
         out.append((op, name, pack_meta(f.size, f.mtime_ns)))
     return out
-
-
-def _change_problem(batch: pb.Batch) -> str:
-    for i, ch in enumerate(batch.changes):
-        if ch.op not in _OPS:
-            return f"change {i}: unknown op {ch.op}"
-        reason = invalid_name_reason(ch.file.name)
-        if reason:
-            return f"change {i}: {reason}"
-    raise AssertionError("no problem found in a batch that had one")
 
 
 def files_from_pb(chunk: pb.SnapshotChunk) -> list[tuple[bytes, Meta]]:
     """Validate and convert a snapshot chunk."""
     out = []
-    for f in chunk.files:
+    for i, f in enumerate(chunk.files):
         name = f.name
-        if _bad_name(name):
-            for i, g in enumerate(chunk.files):
-                reason = invalid_name_reason(g.name)
-                if reason:
-                    raise InvalidInputError(f"snapshot file {i}: {reason}")
+        reason = invalid_name_reason(name)
+        if reason:
+            raise InvalidInputError(f"snapshot file {i}: {reason}")
         out.append((name, pack_meta(f.size, f.mtime_ns)))
     return out
 
