@@ -45,7 +45,7 @@ _EVENTS = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent
 # "created" ends the same; the two halves of a rename inside the folder come in
 # one read of the inotify queue, so 2 ms still pairs them.
 _MOVE_PAIRING_SECONDS = 0.002
-with contextlib.suppress(ImportError):  # not on Linux: no inotify
+with contextlib.suppress(ImportError):  # where watchdog has no such grouper, nothing to do
     from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
     InotifyMoveEventGrouper.delay = _MOVE_PAIRING_SECONDS
