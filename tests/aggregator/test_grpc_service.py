@@ -583,6 +583,8 @@ async def test_a_stream_without_a_hello_ends_after_the_hello_timeout(
         # A stream that said hello in time is not bound by it.
         peer = Peer(channel, "node-b")
         await peer.join([b"b.txt"])
+        # Let twice the hello timeout pass: the check is that nothing happens,
+        # so there is no condition to poll for.
         await asyncio.sleep(0.4)
         assert (await peer.heartbeat()).WhichOneof("kind") == "ack"
         peer.call.cancel()
