@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aggregator.allocator import ALLOCATORS
 from common.flags import ENV_PREFIX, add_flag
 
 DEFAULT_HTTP = ("127.0.0.1:8000", "127.0.0.1:12345")
@@ -67,6 +68,8 @@ class AggregatorConfig:
     """Largest legacy request body accepted (413 beyond)."""
     max_list_bytes: int = 256 * 1024 * 1024
     """Largest legacy watcher list fetched."""
+    allocator: str = "mimalloc"
+    """Memory allocator: mimalloc (gives a load's memory back) or pymalloc (CPython's own)."""
     malloc_arenas: int = 2
     """glibc malloc arenas at most (fewer threads' arenas: less memory held); 0: glibc's own."""
     trim_after_files: int = 50_000
@@ -101,6 +104,8 @@ class AggregatorConfig:
             raise ValueError("--max-body-bytes and --max-list-bytes must be positive")
         if self.trim_after_files < 0 or self.malloc_arenas < 0:
             raise ValueError("--trim-after-files and --malloc-arenas must not be negative")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"--allocator must be one of {', '.join(ALLOCATORS)}")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -188,6 +193,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
     )
     opt(
+        "--allocator",
+        help="memory allocator: mimalloc returns a load's memory to the OS, pymalloc is "
+        "CPython's own (used anyway where mimalloc is not installed)",
+        default=d.allocator,
+        choices=ALLOCATORS,
+    )
+    opt(
         "--malloc-arenas",
         help="glibc malloc arenas at most (0: glibc's default)",
         default=d.malloc_arenas,
@@ -231,6 +243,7 @@ def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
         gap_wait=ns.gap_wait,
         max_body_bytes=ns.max_body_bytes,
         max_list_bytes=ns.max_list_bytes,
+        allocator=ns.allocator,
         malloc_arenas=ns.malloc_arenas,
         trim_after_files=ns.trim_after_files,
     )

@@ -297,4 +297,5 @@ def make_app(
     app.router.add_get("/metrics", get_metrics)
     if legacy is not None:
         add_routes(app, *legacy)
+    metrics.declare_routes({r.resource.canonical for r in app.router.routes() if r.resource})
     return app

@@ -75,6 +75,15 @@ class MemoryTrimmer:
         self._release = release
         self._mark = 0  # files at the last trim
         self._high = 0  # most files held since then
+        self._baseline = 0  # RSS at start-up
+
+    async def start(self) -> None:
+        """Note the RSS at start-up, which each trim's log line compares with.
+
+        This first call also starts the worker thread that trims run in, so its
+        objects are allocated with the start-up state, not during the first load.
+        """
+        self._baseline = await asyncio.to_thread(rss_bytes)
 
     async def maybe_trim(self, files: int) -> bool:
         """Trim if `files` is `threshold` above the last trim or below the high; True if so."""
@@ -100,5 +109,6 @@ class MemoryTrimmer:
             gc_collect_ms=round(collect_ms, 1),
             rss_before_mib=round(before / 2**20, 1),
             rss_after_mib=round(after / 2**20, 1),
+            rss_at_start_mib=round(self._baseline / 2**20, 1),
         )
         return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Dense around 10-100 ms, where a healthy sync lag lives.
@@ -98,3 +100,23 @@ class Metrics:
             "filewatch_http_request_duration_seconds", "HTTP request duration, by route",
             ["route"], registry=r,
         )  # fmt: skip
+        # Every series with a known label set is born now, at 0, not at its first
+        # event: an alert's rate() sees that first event, and the series' memory is
+        # allocated with the rest of the start-up state, not in the middle of the
+        # first load, where it would pin the load's freed memory (see memory.py).
+        for protocol in ("grpc", "legacy"):
+            self.sync_lag.labels(protocol)
+            self.watchers.labels(protocol)
+        for op in ("add", "remove", "modify"):
+            self.changes.labels(op)
+        for reason in ("new_instance", "resync"):
+            self.snapshots.labels(reason)
+        for method in ("Sync", "ListFiles", "WatchFiles"):
+            self.grpc_requests.labels(method, "OK")
+            self.grpc_duration.labels(method)
+
+    def declare_routes(self, routes: Iterable[str]) -> None:
+        """Create the HTTP series of these routes (at 0), as `__init__` does for the rest."""
+        for route in routes:
+            self.http_requests.labels(route, "200")
+            self.http_duration.labels(route)

@@ -212,6 +212,7 @@ async def _round(agg: Aggregator, label: str, churn_seconds: float, seed: int) -
         )
 
         left = time.monotonic()
+        trims = len(agg.proc.events("memory_trimmed"))
         await asyncio.gather(*(w.goodbye() for w in watchers))
         await wait_for_async(
             lambda: _get(agg.http_port, "/healthz"),
@@ -220,6 +221,13 @@ async def _round(agg: Aggregator, label: str, churn_seconds: float, seed: int) -
             what="every watcher gone",
         )
         measured(f"load {label}: all said goodbye -> index empty", time.monotonic() - left)
+        # The aggregator hands memory back in its next trim once the index has shrunk.
+        await wait_for_async(
+            lambda: asyncio.to_thread(agg.proc.events, "memory_trimmed"),
+            30,
+            until=lambda found: any(t["files_change"] < 0 for t in found[trims:]),
+            what="a memory trim after the index emptied",
+        )
     finally:
         for task in readers:
             task.cancel()
@@ -245,7 +253,9 @@ async def test_many_watchers_churning_lose_nothing_and_memory_comes_back(
     The soak also holds the aggregator to its memory coming back down to where it
     was before the load, within a quarter of what the load took.
     """
-    agg = start_aggregator("--keepalive", "10", ttl=60.0)
+    agg = start_aggregator(
+        "--keepalive", "10", "--trim-after-files", str(WATCHERS * FILES // 2), ttl=60.0
+    )
     await _get(agg.http_port, "/files/?detail=1")
     before = agg.proc.rss_kib()
     measured("load: aggregator RSS before", before / 1024, "MiB")
