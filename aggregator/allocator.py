@@ -8,8 +8,10 @@ allocated meanwhile and still alive (a metric's latest value, a timer, a
 peer's address) are enough to pin every one of them: in the soak about 20 MiB
 stayed resident for good, whatever the garbage collector or `malloc_trim` did.
 
-mimalloc (the allocator CPython 3.13 adopted) manages 64 KiB pages and, with a
-purge delay of 0, gives each page back as soon as it is empty. So `python -m
+mimalloc (the allocator CPython 3.13 adopted) manages 64 KiB pages and gives
+back the ones that emptied a second ago, or at once when asked (`mi_collect`,
+which the memory trimmer calls after the index shrinks: an idle process would
+otherwise wait for its next allocations). So `python -m
 aggregator` re-executes itself once, before it serves anything, with
 `PYTHONMALLOC=malloc` (every Python object from the C allocator) and the
 mimalloc of the `cmeel-mimalloc` wheel preloaded. `exec` keeps the PID. Where
@@ -19,18 +21,15 @@ that library is missing, or with `--allocator pymalloc`, it runs as it is.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 ALLOCATORS = ("mimalloc", "pymalloc")
 
 MIMALLOC_OPTIONS = {
-    # Empty pages go back at once, not after a second of further allocations
-    # (mimalloc purges lazily, from inside malloc and free: an idle aggregator
-    # would keep them).
-    "MIMALLOC_PURGE_DELAY": "0",
     # Transparent huge pages make every touched 2 MiB resident, and unpurgeable.
     "MIMALLOC_ALLOW_THP": "0",
 }
@@ -53,6 +52,19 @@ def mimalloc_active() -> bool:
     """True when this process's Python objects and C buffers all come from mimalloc."""
     preloaded = hasattr(ctypes.CDLL(None), "mi_version")
     return preloaded and os.environ.get("PYTHONMALLOC") == "malloc"
+
+
+def mimalloc_collector() -> Callable[[], None] | None:
+    """A call that makes mimalloc give its free pages back now, if mimalloc is in use.
+
+    Call it on the thread that freed the memory (the event loop's): each
+    thread has a heap of its own.
+    """
+    if not mimalloc_active():
+        return None
+    collect = ctypes.CDLL(None).mi_collect
+    collect.argtypes, collect.restype = [ctypes.c_bool], None
+    return functools.partial(collect, True)  # force: purge now, not after the delay
 
 
 def mimalloc_environment(library: str, env: Mapping[str, str]) -> dict[str, str]:

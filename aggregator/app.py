@@ -181,7 +181,7 @@ class Aggregator:
         while True:
             await asyncio.sleep(period)
             if self.config.trim_after_files:
-                await trimmer.maybe_trim(len(self.store.index))
+                await trimmer.maybe_trim(len(self.store.index), self.store.take_files_peak())
             for node in self.liveness.expired(time.monotonic()):
                 removed = self.store.remove_watcher(node)
                 self.metrics.watchers_expired.inc()

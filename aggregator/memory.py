@@ -1,14 +1,16 @@
 """Giving freed memory back to the operating system.
 
-CPython hands its small-object arenas back when they empty, but every dict,
-list and buffer over 512 bytes comes from the C allocator, and glibc keeps the
-pages it freed inside its heaps until asked for them. So after many files
-arrive (the buffers that carried them are free now) or leave the index (a big
-watcher gone, a load over), the aggregator asks: once the index has grown by
-`--trim-after-files` since the last trim, or shrunk by as many from its
-high-water mark, it runs a full garbage collection and then glibc's
-`malloc_trim(0)` in a worker thread (it releases the GIL), and logs what came
-back. On a C library without `malloc_trim` (musl, macOS) it does nothing.
+Neither allocator hands back everything it freed by itself. On mimalloc (the
+aggregator's, see `aggregator.allocator`) a page that emptied goes back only a
+second later, from inside a later malloc or free, which an idle process never
+makes. On glibc (with `--allocator pymalloc`) every dict, list and buffer over
+512 bytes comes from heaps that keep their free pages until asked. So after
+many files arrive (the buffers that carried them are free now) or leave the
+index (a big watcher gone, a load over), the aggregator asks: once the index
+has grown by `--trim-after-files` since the last trim, or shrunk by as many
+from its high-water mark, it runs a full garbage collection, then mimalloc's
+`mi_collect` or glibc's `malloc_trim(0)` (in a worker thread: it releases the
+GIL), and logs what came back. With neither (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from collections.abc import Callable
 
 import structlog
+
+from aggregator.allocator import mimalloc_collector
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +77,7 @@ class MemoryTrimmer:
     def __init__(self, threshold: int, release: Callable[[], None] = lambda: None) -> None:
         self._threshold = threshold
         self._release = release
+        self._mimalloc_collect = mimalloc_collector()
         self._mark = 0  # files at the last trim
         self._high = 0  # most files held since then
         self._baseline = 0  # RSS at start-up
@@ -85,11 +90,16 @@ class MemoryTrimmer:
         """
         self._baseline = await asyncio.to_thread(rss_bytes)
 
-    async def maybe_trim(self, files: int) -> bool:
-        """Trim if `files` is `threshold` above the last trim or below the high; True if so."""
-        self._high = max(self._high, files)
+    async def maybe_trim(self, files: int, peak: int = 0) -> bool:
+        """Trim if `files` is `threshold` above the last trim or below the high; True if so.
+
+        `peak` is the most files held since the previous call: a big watcher that
+        came and went between two calls still counts (see `Store.take_files_peak`).
+        """
+        self._high = max(self._high, files, peak)
         shrunk = self._high - files >= self._threshold
-        if malloc_trim is None or not (shrunk or files - self._mark >= self._threshold):
+        can_trim = self._mimalloc_collect is not None or malloc_trim is not None
+        if not can_trim or not (shrunk or files - self._mark >= self._threshold):
             return False
         change, self._mark, self._high = files - self._mark, files, files
         before = await asyncio.to_thread(rss_bytes)
@@ -101,12 +111,18 @@ class MemoryTrimmer:
         # tracked by the collector (bytes and ints), so this is quick.
         gc.collect()
         collect_ms = (time.perf_counter() - started) * 1000
-        await asyncio.to_thread(malloc_trim, 0)
+        if self._mimalloc_collect is not None:
+            self._mimalloc_collect()  # on the loop's thread, whose heap holds what was freed
+        elif malloc_trim is not None:
+            await asyncio.to_thread(malloc_trim, 0)
+        give_back_ms = (time.perf_counter() - started) * 1000 - collect_ms
         after = await asyncio.to_thread(rss_bytes)
         log.info(
             "memory_trimmed",
             files_change=change,
             gc_collect_ms=round(collect_ms, 1),
+            give_back_ms=round(give_back_ms, 1),
+            allocator="mimalloc" if self._mimalloc_collect is not None else "glibc",
             rss_before_mib=round(before / 2**20, 1),
             rss_after_mib=round(after / 2**20, 1),
             rss_at_start_mib=round(self._baseline / 2**20, 1),

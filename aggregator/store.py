@@ -155,6 +155,7 @@ class Store:
         # node -> its (sequence_behind, last_seen) children: `labels()` costs more
         # than the `set()` itself, and every heartbeat sets both.
         self._position_gauges: dict[str, tuple[Gauge, Gauge]] = {}
+        self._files_peak = 0  # most files in the index since `take_files_peak`
 
     # ------------------------------------------------------------ writing
 
@@ -242,8 +243,15 @@ class Store:
         info = self.index.watcher(node)
         if info is not None:
             self.metrics.watcher_files.labels(node).set(info.file_count)
-        self.metrics.files.set(len(self.index))
+        files = len(self.index)
+        self.metrics.files.set(files)
+        self._files_peak = max(self._files_peak, files)
         self.publish(events)
+
+    def take_files_peak(self) -> int:
+        """The most files the index held since the last call; starts over from now."""
+        peak, self._files_peak = self._files_peak, len(self.index)
+        return max(peak, self._files_peak)
 
     # ------------------------------------------------------------ readers
 

@@ -44,3 +44,12 @@ async def test_a_trim_hands_freed_heap_pages_back() -> None:
 def test_malloc_arenas_can_be_capped() -> None:
     assert limit_malloc_arenas(8)  # glibc's own cap on a small machine: harmless here
     assert not limit_malloc_arenas(0)
+
+
+@needs_glibc
+async def test_a_peak_between_two_calls_still_counts_as_a_shrink() -> None:
+    trimmer = MemoryTrimmer(threshold=1000)
+    assert not await trimmer.maybe_trim(0)
+    # 5,000 files came and went between two calls: only the peak tells.
+    assert await trimmer.maybe_trim(0, peak=5000)
+    assert not await trimmer.maybe_trim(0, peak=900)

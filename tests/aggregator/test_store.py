@@ -258,3 +258,14 @@ async def test_forgotten_history_sends_resuming_readers_to_the_list() -> None:
     assert store.history_since(store.index.version) == ()
     add(store, "n", 2, b"d")  # kept again from here on
     assert [ev.entry.raw_name for ev in store.history_since(version + 1) or ()] == [b"d"]
+
+
+async def test_the_files_peak_remembers_a_watcher_that_came_and_went() -> None:
+    store = make_store()
+    assert store.take_files_peak() == 0
+    snapshot(store, "big", [b"f%d" % i for i in range(500)])
+    snapshot(store, "small", [b"a", b"b"])
+    store.remove_watcher("big")
+    assert len(store.index) == 2
+    assert store.take_files_peak() == 502  # never sampled, still seen
+    assert store.take_files_peak() == 2  # starts over from what is held now
