@@ -69,9 +69,10 @@ class MemoryTrimmer:
 
     Growth leaves the buffers that carried the new lists free in the heap;
     shrinking leaves the files' own memory. Owned by the event loop:
-    `maybe_trim` is called with the index size from a periodic task, and at
-    most one trim runs at a time. After a shrink, `release` runs first, on the
-    loop: it lets go of what would pin freed memory (see `Store.forget_history`).
+    `maybe_trim` is called with the index size from a periodic task (at least
+    once a second), and at most one trim runs at a time. After a shrink,
+    `release` runs first, on the loop: it lets go of what would pin freed
+    memory (see `Store.forget_history`).
     """
 
     def __init__(self, threshold: int, release: Callable[[], None] = lambda: None) -> None:
@@ -100,6 +101,11 @@ class MemoryTrimmer:
         shrunk = self._high - files >= self._threshold
         can_trim = self._mimalloc_collect is not None or malloc_trim is not None
         if not can_trim or not (shrunk or files - self._mark >= self._threshold):
+            if self._mimalloc_collect is not None:
+                # mimalloc returns a page a second after it emptied, but only from
+                # inside its own calls: this one (well under a millisecond) makes
+                # sure an idle aggregator does too.
+                self._mimalloc_collect(False)
             return False
         change, self._mark, self._high = files - self._mark, files, files
         before = await asyncio.to_thread(rss_bytes)
@@ -112,7 +118,7 @@ class MemoryTrimmer:
         gc.collect()
         collect_ms = (time.perf_counter() - started) * 1000
         if self._mimalloc_collect is not None:
-            self._mimalloc_collect()  # on the loop's thread, whose heap holds what was freed
+            self._mimalloc_collect(True)  # on the loop's thread, whose heap holds what was freed
         elif malloc_trim is not None:
             await asyncio.to_thread(malloc_trim, 0)
         give_back_ms = (time.perf_counter() - started) * 1000 - collect_ms

@@ -64,6 +64,23 @@ MEASURED: list[tuple[str, float, str]] = []
 # ---------------------------------------------------------------- measurements
 
 
+async def settled_rss(proc: Proc) -> int:
+    """A process's RSS (KiB) once it has not moved by 1 MiB for 2 s (polled, up to 20 s).
+
+    The aggregator's freed pages go back a beat after they empty (mimalloc's
+    purge delay, then its next once-a-second collect), not at the instant of the free.
+    """
+    samples: list[int] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        samples.append(proc.rss_kib())
+        recent = samples[-9:]
+        if len(recent) == 9 and max(recent) - min(recent) <= 1024:
+            break
+        await asyncio.sleep(0.25)
+    return samples[-1]
+
+
 def measured(what: str, value: float, unit: str = "s") -> float:
     """Record a measured value, a convergence time by default (printed at the end of the run)."""
     MEASURED.append((what, value, unit))

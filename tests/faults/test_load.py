@@ -31,6 +31,7 @@ from tests.faults.conftest import (
     Aggregator,
     AggregatorFactory,
     measured,
+    settled_rss,
 )
 from tests.support import http_request, wait_for_async
 
@@ -238,7 +239,7 @@ async def _round(agg: Aggregator, label: str, churn_seconds: float, seed: int) -
     await _get(agg.http_port, "/files/?detail=1")
     await _get(agg.http_port, "/files/")
     assert "load-" not in agg.metrics(), "per-watcher series must go with the watchers"
-    after = agg.proc.rss_kib()
+    after = await settled_rss(agg.proc)
     measured(f"load {label}: aggregator RSS peak", peak / 1024, "MiB")
     measured(f"load {label}: aggregator RSS after they left", after / 1024, "MiB")
     return Round(peak, after, sent)
