@@ -9,13 +9,14 @@ peer's address) are enough to pin every one of them: in the soak about 20 MiB
 stayed resident for good, whatever the garbage collector or `malloc_trim` did.
 
 mimalloc (the allocator CPython 3.13 adopted) manages 64 KiB pages and gives
-back the ones that emptied 100 ms ago (see `MIMALLOC_OPTIONS`; from inside
-`mi_collect`, which the memory trimmer calls every second, and with `force`
-after the index shrank). A zero delay would return them at once, but then
-each `/files/` body faults its pages in again: reads took 2-4x longer. So
-`python -m
-aggregator` re-executes itself once, before it serves anything, with
-`PYTHONMALLOC=malloc` (every Python object from the C allocator) and the
+back each one 100 ms after it emptied (see `MIMALLOC_OPTIONS`), from inside
+its own calls: the memory trimmer calls `mi_collect` every second, so that an
+idle aggregator does too, and with `force` after the index shrank. A zero
+delay would return pages at once, but then each `/files/` body faults its
+pages in again: reads took 2-4x longer.
+
+So `python -m aggregator` re-executes itself once, before it serves anything,
+with `PYTHONMALLOC=malloc` (every Python object from the C allocator) and the
 mimalloc of the `cmeel-mimalloc` wheel preloaded. `exec` keeps the PID. Where
 that library is missing, or with `--allocator pymalloc`, it runs as it is.
 """
