@@ -9,11 +9,9 @@ peer's address) are enough to pin every one of them: in the soak about 20 MiB
 stayed resident for good, whatever the garbage collector or `malloc_trim` did.
 
 mimalloc (the allocator CPython 3.13 adopted) manages 64 KiB pages and gives
-back each one 100 ms after it emptied (see `MIMALLOC_OPTIONS`), from inside
+back each one a second after it emptied (see `MIMALLOC_OPTIONS`), from inside
 its own calls: the memory trimmer calls `mi_collect` every second, so that an
-idle aggregator does too, and with `force` after the index shrank. A zero
-delay would return pages at once, but then each `/files/` body faults its
-pages in again: reads took 2-4x longer.
+idle aggregator does too, and with `force` after the index shrank.
 
 So `python -m aggregator` re-executes itself once, before it serves anything,
 with `PYTHONMALLOC=malloc` (every Python object from the C allocator) and the
@@ -35,10 +33,11 @@ ALLOCATORS = ("mimalloc", "pymalloc")
 MIMALLOC_OPTIONS = {
     # Transparent huge pages make every touched 2 MiB resident, and unpurgeable.
     "MIMALLOC_ALLOW_THP": "0",
-    # A page goes back 100 ms after it emptied (default 1 s: under churn the
-    # aggregator peaked 30 MiB higher); the next `/files/` body, built within
-    # that time, reuses it instead of faulting it in again.
-    "MIMALLOC_PURGE_DELAY": "100",
+    # A page goes back a second after it emptied (mimalloc's default): work
+    # that comes back within the second reuses it instead of faulting it in
+    # again. 0 made `/files/` reads 2-4x slower, 100 ms the lag of a change
+    # 1-2 ms longer; the price is a higher peak under churn (about +30 MiB).
+    "MIMALLOC_PURGE_DELAY": "1000",
 }
 
 
