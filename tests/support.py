@@ -45,6 +45,15 @@ def _short(value: object, limit: int = 2000) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
+def _fail_if_past(deadline: float, timeout: float, what: str, value: object) -> None:
+    """Fail the test once `deadline` (monotonic) has passed, with the last value observed."""
+    if time.monotonic() >= deadline:
+        pytest.fail(
+            f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
+            pytrace=False,
+        )
+
+
 def wait_for(
     probe: Callable[[], T],
     timeout: float,
@@ -62,11 +71,7 @@ def wait_for(
         value = probe()
         if until(value):
             return value
-        if time.monotonic() >= deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
-                pytrace=False,
-            )
+        _fail_if_past(deadline, timeout, what, value)
         time.sleep(interval)
 
 
@@ -84,11 +89,7 @@ async def wait_for_async(
         value = await probe()
         if until(value):
             return value
-        if time.monotonic() >= deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}; last observed: {_short(value)}",
-                pytrace=False,
-            )
+        _fail_if_past(deadline, timeout, what, value)
         await asyncio.sleep(interval)
 
 
