@@ -107,7 +107,9 @@ class MemoryTrimmer:
                 # sure an idle aggregator does too.
                 self._mimalloc_collect(False)
             return False
-        change, self._mark, self._high = files - self._mark, files, files
+        # What the trim answers: the shrink from the high-water mark, or the growth.
+        change = files - self._high if shrunk else files - self._mark
+        self._mark = self._high = files
         before = await asyncio.to_thread(rss_bytes)
         if shrunk:
             self._release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 
 from aggregator.memory import MemoryTrimmer, limit_malloc_arenas, malloc_trim, rss_bytes
 
@@ -51,5 +52,8 @@ async def test_a_peak_between_two_calls_still_counts_as_a_shrink() -> None:
     trimmer = MemoryTrimmer(threshold=1000)
     assert not await trimmer.maybe_trim(0)
     # 5,000 files came and went between two calls: only the peak tells.
-    assert await trimmer.maybe_trim(0, peak=5000)
+    with capture_logs() as logs:
+        assert await trimmer.maybe_trim(0, peak=5000)
+    [trimmed] = [e for e in logs if e["event"] == "memory_trimmed"]
+    assert trimmed["files_change"] == -5000  # the shrink, though none were seen arrive
     assert not await trimmer.maybe_trim(0, peak=900)
