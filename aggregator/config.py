@@ -6,11 +6,11 @@ import argparse
 import ipaddress
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from aggregator.allocator import ALLOCATORS
-from common.flags import ENV_PREFIX, add_flag
+from common.flags import ENV_PREFIX, add_config_flag
 
 DEFAULT_HTTP = ("127.0.0.1:8000", "127.0.0.1:12345")
 
@@ -117,8 +117,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
 
-    def opt(flag: str, *, help: str, default: object, **kw: Any) -> None:
-        add_flag(p, env, flag, help=help, default=default, **kw)
+    def opt(flag: str, *, help: str, **kw: Any) -> None:
+        add_config_flag(p, env, d, flag, help=help, **kw)
 
     env_http = env.get(ENV_PREFIX + "HTTP")
     p.add_argument(
@@ -130,86 +130,38 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         f"(env {ENV_PREFIX}HTTP, comma-separated; default: {','.join(DEFAULT_HTTP)})",
     )
     p.set_defaults(env_http=env_http)
-    opt("--grpc", help="gRPC listen address HOST:PORT", default=d.grpc, metavar="HOST:PORT")
-    opt("--ttl", help="seconds a vanished watcher's files are kept", default=d.ttl, type=float)
-    opt("--token", help="shared token required for ingestion", default=d.token)
-    opt("--log-level", help="debug|info|warning|error", default=d.log_level)
-    opt("--log-format", help="kv|json|auto", default=d.log_format)
-    opt("--max-watchers", help="watchers held at once", default=d.max_watchers, type=int)
-    opt(
-        "--max-files-per-watcher",
-        help="files one watcher may report",
-        default=d.max_files_per_watcher,
-        type=int,
-    )
-    opt(
-        "--max-message-bytes",
-        help="largest gRPC message accepted",
-        default=d.max_message_bytes,
-        type=int,
-    )
-    opt("--max-readers", help="WatchFiles readers at once", default=d.max_readers, type=int)
-    opt(
-        "--reader-queue",
-        help="events buffered per WatchFiles reader before it is dropped",
-        default=d.reader_queue,
-        type=int,
-    )
-    opt(
-        "--hello-timeout",
-        help="seconds a Sync stream has to say hello",
-        default=d.hello_timeout,
-        type=float,
-    )
-    opt("--keepalive", help="seconds between gRPC keepalive pings", default=d.keepalive, type=float)
-    opt("--grace", help="seconds of graceful shutdown", default=d.grace, type=float)
+    opt("--grpc", help="gRPC listen address HOST:PORT", metavar="HOST:PORT")
+    opt("--ttl", help="seconds a vanished watcher's files are kept")
+    opt("--token", help="shared token required for ingestion")
+    opt("--log-level", help="debug|info|warning|error")
+    opt("--log-format", help="kv|json|auto")
+    opt("--max-watchers", help="watchers held at once")
+    opt("--max-files-per-watcher", help="files one watcher may report")
+    opt("--max-message-bytes", help="largest gRPC message accepted")
+    opt("--max-readers", help="WatchFiles readers at once")
+    opt("--reader-queue", help="events buffered per WatchFiles reader before it is dropped")
+    opt("--hello-timeout", help="seconds a Sync stream has to say hello")
+    opt("--keepalive", help="seconds between gRPC keepalive pings")
+    opt("--grace", help="seconds of graceful shutdown")
     opt(
         "--legacy-networks",
         help="comma-separated networks whose legacy requests need no token",
         default=",".join(d.legacy_networks),
     )
-    opt(
-        "--fetch-timeout",
-        help="seconds to fetch a legacy list",
-        default=d.fetch_timeout,
-        type=float,
-    )
-    opt(
-        "--gap-wait",
-        help="seconds to wait for a missing legacy seqno",
-        default=d.gap_wait,
-        type=float,
-    )
-    opt(
-        "--max-body-bytes",
-        help="largest legacy request body",
-        default=d.max_body_bytes,
-        type=int,
-    )
-    opt(
-        "--max-list-bytes",
-        help="largest legacy watcher list fetched",
-        default=d.max_list_bytes,
-        type=int,
-    )
+    opt("--fetch-timeout", help="seconds to fetch a legacy list")
+    opt("--gap-wait", help="seconds to wait for a missing legacy seqno")
+    opt("--max-body-bytes", help="largest legacy request body")
+    opt("--max-list-bytes", help="largest legacy watcher list fetched")
     opt(
         "--allocator",
         help="memory allocator: mimalloc returns a load's memory to the OS, pymalloc is "
         "CPython's own (used anyway where mimalloc is not installed)",
-        default=d.allocator,
         choices=ALLOCATORS,
     )
-    opt(
-        "--malloc-arenas",
-        help="glibc malloc arenas at most (0: glibc's default)",
-        default=d.malloc_arenas,
-        type=int,
-    )
+    opt("--malloc-arenas", help="glibc malloc arenas at most (0: glibc's default)")
     opt(
         "--trim-after-files",
         help="files the index grows or shrinks by before memory goes back to the OS (0: never)",
-        default=d.trim_after_files,
-        type=int,
     )
     return p
 
@@ -223,27 +175,6 @@ def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
         http = tuple(a.strip() for a in ns.env_http.split(",") if a.strip())
     else:
         http = DEFAULT_HTTP
-    return AggregatorConfig(
-        http=http,
-        grpc=ns.grpc,
-        ttl=ns.ttl,
-        token=ns.token,
-        log_level=ns.log_level,
-        log_format=ns.log_format,
-        max_watchers=ns.max_watchers,
-        max_files_per_watcher=ns.max_files_per_watcher,
-        max_message_bytes=ns.max_message_bytes,
-        max_readers=ns.max_readers,
-        reader_queue=ns.reader_queue,
-        hello_timeout=ns.hello_timeout,
-        keepalive=ns.keepalive,
-        grace=ns.grace,
-        legacy_networks=tuple(n.strip() for n in ns.legacy_networks.split(",") if n.strip()),
-        fetch_timeout=ns.fetch_timeout,
-        gap_wait=ns.gap_wait,
-        max_body_bytes=ns.max_body_bytes,
-        max_list_bytes=ns.max_list_bytes,
-        allocator=ns.allocator,
-        malloc_arenas=ns.malloc_arenas,
-        trim_after_files=ns.trim_after_files,
-    )
+    networks = tuple(n.strip() for n in ns.legacy_networks.split(",") if n.strip())
+    plain = {f.name: getattr(ns, f.name) for f in fields(AggregatorConfig)}
+    return AggregatorConfig(**(plain | {"http": http, "legacy_networks": networks}))

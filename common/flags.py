@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,3 +39,24 @@ def add_flag(
         help=f"{help} (env {twin}; default: %(default)s)",
         **kwargs,
     )
+
+
+def add_config_flag(
+    parser: argparse.ArgumentParser,
+    env: Mapping[str, str],
+    defaults: object,
+    *names: str,
+    help: str,
+    **kwargs: Any,
+) -> None:
+    """Add a flag for a field of the dataclass instance `defaults` (`dest`, or the last name).
+
+    The field gives the flag its default and, for an `int` or `float` field, its
+    type; keyword arguments given here win.
+    """
+    field = kwargs.get("dest") or names[-1].lstrip("-").replace("-", "_")
+    kind = typing.get_type_hints(type(defaults))[field]
+    if kind in (int, float):
+        kwargs.setdefault("type", kind)
+    kwargs.setdefault("default", getattr(defaults, field))
+    add_flag(parser, env, *names, help=help, **kwargs)

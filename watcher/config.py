@@ -6,9 +6,10 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from common.flags import add_flag
+from common.flags import add_config_flag
 
 
 @dataclass(frozen=True)
@@ -111,63 +112,34 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         description="filewatch watcher: watches one folder and reports it to the aggregator.",
         allow_abbrev=False,
     )
-    add_flag(p, env, "-dir", "--dir", help="folder to watch", default=d.dir)
+
+    def opt(*names: str, help: str, **kw: Any) -> None:
+        add_config_flag(p, env, d, *names, help=help, **kw)
+
+    opt("-dir", "--dir", help="folder to watch")
     # Go's flag package also takes --p: so do we.
-    add_flag(
-        p, env, "-p", "--p", "--port",
-        help="this watcher's HTTP port", default=d.port, type=int, dest="port",
-    )  # fmt: skip
-    add_flag(
-        p, env, "-aggregator", "--aggregator",
+    opt("-p", "--p", "--port", help="this watcher's HTTP port", dest="port")
+    opt(
+        "-aggregator",
+        "--aggregator",
         help="grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy protocol)",
-        default=d.aggregator,
-    )  # fmt: skip
-    add_flag(
-        p, env, "--http-host", help="address this watcher's HTTP server binds", default=d.http_host
     )
-    add_flag(p, env, "--name", help="watcher name (default HOSTNAME:PORT)", default=d.name)
-    add_flag(p, env, "--token", help="shared ingestion token", default=d.token)
-    add_flag(
-        p, env, "--rescan-interval", help="seconds between repair rescans, 0 = never",
-        default=d.rescan_interval, type=float,
-    )  # fmt: skip
-    add_flag(
-        p, env, "--hello-interval", help="seconds between legacy hellos",
-        default=d.hello_interval, type=float,
-    )  # fmt: skip
-    add_flag(
-        p, env, "--folder-check-interval", help="seconds between folder/observer checks",
-        default=d.folder_check_interval, type=float,
-    )  # fmt: skip
-    add_flag(
-        p, env, "--heartbeat-interval", help="idle seconds before a heartbeat",
-        default=d.heartbeat_interval, type=float,
-    )  # fmt: skip
-    add_flag(
-        p,
-        env,
-        "--keepalive",
-        help="seconds between gRPC keepalive pings",
-        default=d.keepalive,
-        type=float,
-    )
-    add_flag(p, env, "--max-batch", help="most changes per batch", default=d.max_batch, type=int)
-    add_flag(
-        p, env, "--batch-delay", help="seconds to gather changes before a batch",
-        default=d.batch_delay, type=float,
-    )  # fmt: skip
-    add_flag(
-        p, env, "--resend-buffer", help="batches kept for resume", default=d.resend_buffer, type=int
-    )
-    add_flag(p, env, "--chunk-bytes", help="snapshot chunk size", default=d.chunk_bytes, type=int)
-    add_flag(
-        p, env, "--reconnect-min", help="first reconnect delay", default=d.reconnect_min, type=float
-    )
-    add_flag(
-        p, env, "--reconnect-max", help="reconnect delay cap", default=d.reconnect_max, type=float
-    )
-    add_flag(p, env, "--log-level", help="debug|info|warning|error", default=d.log_level)
-    add_flag(p, env, "--log-format", help="kv|json|auto", default=d.log_format)
+    opt("--http-host", help="address this watcher's HTTP server binds")
+    opt("--name", help="watcher name (default HOSTNAME:PORT)")
+    opt("--token", help="shared ingestion token")
+    opt("--rescan-interval", help="seconds between repair rescans, 0 = never")
+    opt("--hello-interval", help="seconds between legacy hellos")
+    opt("--folder-check-interval", help="seconds between folder/observer checks")
+    opt("--heartbeat-interval", help="idle seconds before a heartbeat")
+    opt("--keepalive", help="seconds between gRPC keepalive pings")
+    opt("--max-batch", help="most changes per batch")
+    opt("--batch-delay", help="seconds to gather changes before a batch")
+    opt("--resend-buffer", help="batches kept for resume")
+    opt("--chunk-bytes", help="snapshot chunk size")
+    opt("--reconnect-min", help="first reconnect delay")
+    opt("--reconnect-max", help="reconnect delay cap")
+    opt("--log-level", help="debug|info|warning|error")
+    opt("--log-format", help="kv|json|auto")
     return p
 
 
