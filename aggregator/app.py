@@ -29,6 +29,7 @@ from aggregator.liveness import Liveness
 from aggregator.memory import MemoryTrimmer
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
+from common.http_server import ConnectionLimit, LimitedSite, make_runner
 from common.tracing import tracer_provider_from_env
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
@@ -85,6 +86,7 @@ class Aggregator:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._http_limit: ConnectionLimit | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -153,11 +155,14 @@ class Aggregator:
             client_max_size=cfg.max_body_bytes,
             tracer=self.tracer,
         )
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = make_runner(app, cfg.http_idle_timeout)
         await self._runner.setup()
+        self._http_limit = ConnectionLimit(
+            self._runner, cfg.max_connections, self.metrics.http_connections_refused.inc
+        )
         for address in cfg.http:
             host, port = parse_hostport(address)
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            site = LimitedSite(self._runner, host, port, self._http_limit)
             await site.start()
             self.http_ports.append(self._runner.addresses[-1][1])
         self._reaper = asyncio.create_task(self._reap(), name="ttl-reaper")
@@ -209,6 +214,8 @@ class Aggregator:
             await self._server.stop(self.config.grace)
         if self._runner is not None:
             await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.grace + 1)
+        if self._http_limit is not None:
+            self._http_limit.close()
         if self._session is not None:
             await self._session.close()
         if self.tracer_provider is not None:

@@ -68,6 +68,11 @@ class AggregatorConfig:
     """Largest legacy request body accepted (413 beyond)."""
     max_list_bytes: int = 256 * 1024 * 1024
     """Largest legacy watcher list fetched."""
+    http_idle_timeout: float = 15.0
+    """Seconds an HTTP connection may stay without a complete request: idle keep-alive, or
+    request line and headers not all received yet (a response in progress is not cut)."""
+    max_connections: int = 1024
+    """HTTP connections open at once, all listeners together; one more is closed at once."""
     allocator: str = "mimalloc"
     """Memory allocator: mimalloc (gives a load's memory back) or pymalloc (CPython's own)."""
     malloc_arenas: int = 2
@@ -76,7 +81,10 @@ class AggregatorConfig:
     """Files the index must grow or shrink by before freed memory goes back to the OS; 0: never."""
 
     def __post_init__(self) -> None:
-        for name in ("ttl", "hello_timeout", "keepalive", "grace", "fetch_timeout", "gap_wait"):
+        for name in (
+            "ttl", "hello_timeout", "keepalive", "grace", "fetch_timeout", "gap_wait",
+            "http_idle_timeout",
+        ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
         for address in (*self.http, self.grpc):
@@ -102,6 +110,8 @@ class AggregatorConfig:
             raise ValueError("--fetch-timeout and --gap-wait must be positive")
         if min(self.max_body_bytes, self.max_list_bytes) <= 0:
             raise ValueError("--max-body-bytes and --max-list-bytes must be positive")
+        if self.http_idle_timeout <= 0 or self.max_connections <= 0:
+            raise ValueError("--http-idle-timeout and --max-connections must be positive")
         if self.trim_after_files < 0 or self.malloc_arenas < 0:
             raise ValueError("--trim-after-files and --malloc-arenas must not be negative")
         if self.allocator not in ALLOCATORS:
@@ -152,6 +162,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--gap-wait", help="seconds to wait for a missing legacy seqno")
     opt("--max-body-bytes", help="largest legacy request body")
     opt("--max-list-bytes", help="largest legacy watcher list fetched")
+    opt(
+        "--http-idle-timeout",
+        help="seconds an HTTP connection may stay without a complete request (idle keep-alive, "
+        "or headers still unsent), then it is closed; a response in progress is not cut",
+    )
+    opt(
+        "--max-connections",
+        help="HTTP connections open at once, all listeners together; beyond, a new one is "
+        "closed at once (counted in filewatch_http_connections_refused_total)",
+    )
     opt(
         "--allocator",
         help="memory allocator: mimalloc returns a load's memory to the OS, pymalloc is "

@@ -100,6 +100,11 @@ class Metrics:
             "filewatch_http_request_duration_seconds", "HTTP request duration, by route",
             ["route"], registry=r,
         )  # fmt: skip
+        self.http_connections_refused = Counter(
+            "filewatch_http_connections_refused",
+            "HTTP connections closed on arrival: --max-connections were open",
+            registry=r,
+        )
         # Every series with a known label set is born now, at 0, not at its first
         # event: an alert's rate() sees that first event, and the series' memory is
         # allocated with the rest of the start-up state, not in the middle of the

@@ -18,6 +18,7 @@ from aiohttp import web
 from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry, Gauge
 
+from common.http_server import make_runner
 from common.tracing import tracer_provider_from_env
 from watcher.client import Identity, SyncClient
 from watcher.config import WatcherConfig
@@ -207,10 +208,9 @@ class Watcher:
         loop = asyncio.get_running_loop()
         from watcher.http_server import make_app  # noqa: PLC0415 (keeps start-up imports lean)
 
-        runner = web.AppRunner(
+        runner = make_runner(
             make_app(self.state, self.instance, self.registry, self.health),
-            handle_signals=False,
-            access_log=None,
+            cfg.http_idle_timeout,
         )
         await runner.setup()
         observer = self._observer = FolderObserver(self.folder, loop, self._on_fs)

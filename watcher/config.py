@@ -24,6 +24,9 @@ class WatcherConfig:
     """Where to report: grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy)."""
     http_host: str = "127.0.0.1"
     """Address this watcher's HTTP server binds."""
+    http_idle_timeout: float = 15.0
+    """Seconds an HTTP connection may stay without a complete request: idle keep-alive, or
+    request line and headers not all received yet (a response in progress is not cut)."""
     name: str = ""
     """Watcher name shown by the aggregator; default HOSTNAME:PORT."""
     token: str = ""
@@ -58,7 +61,7 @@ class WatcherConfig:
     def __post_init__(self) -> None:
         for name in (
             "rescan_interval", "folder_check_interval", "hello_interval",
-            "heartbeat_interval", "keepalive",
+            "heartbeat_interval", "keepalive", "http_idle_timeout",
             "batch_delay", "reconnect_min", "reconnect_max",
         ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
@@ -72,6 +75,8 @@ class WatcherConfig:
             raise ValueError(f"-aggregator needs a host and a port, got {self.aggregator!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"-p must be a port number, got {self.port}")
+        if self.http_idle_timeout <= 0:
+            raise ValueError("--http-idle-timeout must be positive")
         if self.rescan_interval < 0 or self.batch_delay < 0:
             raise ValueError("intervals must not be negative")
         if (
@@ -125,6 +130,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy protocol)",
     )
     opt("--http-host", help="address this watcher's HTTP server binds")
+    opt(
+        "--http-idle-timeout",
+        help="seconds an HTTP connection may stay without a complete request (idle keep-alive, "
+        "or headers still unsent), then it is closed; a response in progress is not cut",
+    )
     opt("--name", help="watcher name (default HOSTNAME:PORT)")
     opt("--token", help="shared ingestion token")
     opt("--rescan-interval", help="seconds between repair rescans, 0 = never")
