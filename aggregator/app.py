@@ -136,13 +136,18 @@ class Aggregator:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, force_close=True), auto_decompress=True
         )
-        fetcher = ListFetcher(self._session, cfg.fetch_timeout, cfg.max_list_bytes, self.metrics)
+        fetcher = ListFetcher(
+            self._session, cfg.fetch_timeout, cfg.max_list_bytes, cfg.max_fetches, self.metrics
+        )
         self.legacy = LegacyIngest(
             self.store,
             self.liveness,
             fetcher,
             max_watchers=cfg.max_watchers,
             gap_wait=cfg.gap_wait,
+            max_seqno_ahead=cfg.max_seqno_ahead,
+            hello_period=cfg.legacy_hello_period,
+            missed_hellos=cfg.legacy_missed_hellos,
         )
         self._legacy_ticker = asyncio.create_task(
             self.legacy.run(min(0.1, cfg.gap_wait / 2)), name="legacy-ticker"
@@ -190,6 +195,7 @@ class Aggregator:
             for node in self.liveness.expired(time.monotonic()):
                 removed = self.store.remove_watcher(node)
                 self.metrics.watchers_expired.inc()
+                self.sync.expired(node)
                 if self.legacy is not None:
                     self.legacy.expired(node)
                 log.info("watcher_expired", node=node, files_removed=removed)

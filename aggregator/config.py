@@ -66,8 +66,16 @@ class AggregatorConfig:
     """Seconds to wait for a missing legacy seqno before refetching the list."""
     max_body_bytes: int = 1024 * 1024
     """Largest legacy request body accepted (413 beyond)."""
-    max_list_bytes: int = 256 * 1024 * 1024
-    """Largest legacy watcher list fetched."""
+    max_list_bytes: int = 64 * 1024 * 1024
+    """Largest legacy watcher list fetched (about 1.5 million names of 20 characters)."""
+    max_fetches: int = 4
+    """Legacy list fetches in flight at once: their bodies take at most this x max_list_bytes."""
+    max_seqno_ahead: int = 1_000_000
+    """A legacy PATCH numbered more than this beyond the last applied seqno is refused."""
+    legacy_hello_period: float = 5.0
+    """Seconds between a legacy watcher's hellos (the Go watcher's: 5)."""
+    legacy_missed_hellos: float = 3.0
+    """Hello periods without a hello before a legacy watcher is removed (or the TTL, if longer)."""
     http_idle_timeout: float = 15.0
     """Seconds an HTTP connection may stay without a complete request: idle keep-alive, or
     request line and headers not all received yet (a response in progress is not cut)."""
@@ -110,6 +118,12 @@ class AggregatorConfig:
             raise ValueError("--fetch-timeout and --gap-wait must be positive")
         if min(self.max_body_bytes, self.max_list_bytes) <= 0:
             raise ValueError("--max-body-bytes and --max-list-bytes must be positive")
+        if min(self.max_fetches, self.max_seqno_ahead) <= 0:
+            raise ValueError("--max-fetches and --max-seqno-ahead must be positive")
+        if not (math.isfinite(self.legacy_missed_hellos) and self.legacy_missed_hellos >= 1):
+            raise ValueError("--legacy-missed-hellos must be at least 1")
+        if not (math.isfinite(self.legacy_hello_period) and self.legacy_hello_period > 0):
+            raise ValueError("--legacy-hello-period must be a positive number")
         if self.http_idle_timeout <= 0 or self.max_connections <= 0:
             raise ValueError("--http-idle-timeout and --max-connections must be positive")
         if self.trim_after_files < 0 or self.malloc_arenas < 0:
@@ -162,6 +176,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--gap-wait", help="seconds to wait for a missing legacy seqno")
     opt("--max-body-bytes", help="largest legacy request body")
     opt("--max-list-bytes", help="largest legacy watcher list fetched")
+    opt("--max-fetches", help="legacy list fetches in flight at once")
+    opt("--max-seqno-ahead", help="legacy seqnos further than this beyond the applied are refused")
+    opt("--legacy-hello-period", help="seconds between a legacy watcher's hellos (Go's: 5)")
+    opt(
+        "--legacy-missed-hellos",
+        help="hello periods without a hello before a legacy watcher goes (or --ttl if longer)",
+    )
     opt(
         "--http-idle-timeout",
         help="seconds an HTTP connection may stay without a complete request (idle keep-alive, "

@@ -83,9 +83,10 @@ def entry_to_pb(entry: Entry) -> pb.FileEntry:
         filename=entry.raw_name.decode("utf-8", "replace"),
         raw_name=entry.raw_name,
         node=entry.node,
-        size=entry.size,
-        modified_unix_ns=entry.mtime_ns,
-        modified=rfc3339(entry.mtime_ns),
+        # Unknown (a legacy watcher's file): size and time 0, and `modified` empty.
+        size=entry.size or 0,
+        modified_unix_ns=entry.mtime_ns or 0,
+        modified="" if entry.mtime_ns is None else rfc3339(entry.mtime_ns),
     )
 
 
@@ -188,6 +189,18 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         """Sync streams open now."""
         return len(self._streams)
 
+    def expired(self, node: str) -> None:
+        """The reaper removed `node`, silent for the TTL: end its stream if one is open.
+
+        A frozen watcher's stream stays open until keepalive gives up; once it
+        wakes it reconnects and sends its list again.
+        """
+        stream = self._owners.pop(node, None)
+        if stream is not None:
+            self._store.index.abort_snapshot(node)
+            stream.kick(grpc.StatusCode.ABORTED, "no message for the TTL: the files were removed")
+            self._update_watcher_gauge()
+
     def shutdown(self) -> None:
         """End every open stream with UNAVAILABLE (graceful shutdown)."""
         for stream in list(self._streams):
@@ -270,8 +283,10 @@ class SyncService(pb_grpc.WatcherSyncServicer):
         if not isinstance(first, pb.WatcherMessage) or first.WhichOneof("kind") != "hello":
             raise InvalidInputError("the first message of a Sync stream must be a hello")
         await self._hello(stream, first.hello)
+        heard, clock, node = self._liveness.heard, self._clock, stream.node
         while True:
             msg = await stream.read()
+            heard(node, clock())
             if msg is grpc.aio.EOF:
                 # grpc also ends the reads of a peer that died (SIGKILL, reset)
                 # with EOF: tell a real half-close apart before removing files.
@@ -334,7 +349,7 @@ class SyncService(pb_grpc.WatcherSyncServicer):
             previous.kick(grpc.StatusCode.ABORTED, "superseded by a newer stream of this watcher")
         stream.node, stream.epoch = hello.node, hello.epoch
         self._owners[hello.node] = stream
-        self._liveness.connected(hello.node, PROTOCOL)
+        self._liveness.seen(hello.node, PROTOCOL, self._clock())
         self._update_watcher_gauge()
         resume = (
             info is not None

@@ -68,7 +68,7 @@ def encode_page(index: Index, keys: list[Key], detail: bool) -> bytes:
 
 
 def _detail_entry(e: Entry) -> bytes:
-    if not e.mtime_ns:  # legacy watchers report no size or time
+    if e.mtime_ns is None or e.size is None:  # legacy watchers report no size or time
         return b'{"filename":%b,"node":%b,"size":null,"modified":null}' % (
             json_string(e.filename),
             json_string(e.node),

@@ -12,7 +12,8 @@ Python objects and no more:
   node: names cannot hold NUL, so a name sorts before any longer name it
   prefixes). The key lives in the sorted pages and is the key of its watcher's
   dict; the raw name and the display name are derived from it when read.
-- its *meta*, one `int`: size and mtime packed (see `pack_meta`).
+- its *meta*, one `int`: size and mtime packed (see `pack_meta`), or
+  `NO_META` when the watcher reports neither (the legacy protocol).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ Key = bytes
 Meta = int
 _MTIME_BITS = 64
 _MTIME_MASK = (1 << _MTIME_BITS) - 1
+NO_META: Meta = -1
+"""The meta of a file whose size and mtime are unknown (packed metas are never negative)."""
 
 
 def pack_meta(size: int, mtime_ns: int) -> Meta:
@@ -39,8 +42,10 @@ def pack_meta(size: int, mtime_ns: int) -> Meta:
     return size << _MTIME_BITS | mtime_ns & _MTIME_MASK
 
 
-def unpack_meta(meta: Meta) -> tuple[int, int]:
-    """(size, mtime_ns) of a packed meta."""
+def unpack_meta(meta: Meta) -> tuple[int, int] | tuple[None, None]:
+    """(size, mtime_ns) of a packed meta; (None, None) for `NO_META`."""
+    if meta < 0:
+        return None, None
     mtime_ns = meta & _MTIME_MASK
     if mtime_ns >> (_MTIME_BITS - 1):  # before 1970: int64 two's complement
         mtime_ns -= 1 << _MTIME_BITS
@@ -113,8 +118,8 @@ class Entry(NamedTuple):
     filename: str
     node: str
     raw_name: bytes
-    size: int
-    mtime_ns: int
+    size: int | None  # None: unknown (legacy watchers report no size or time)
+    mtime_ns: int | None
 
 
 def entry_of(key: Key, meta: Meta) -> Entry:

@@ -8,8 +8,10 @@ anywhere a body names.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,11 +46,22 @@ def _instance(obj: dict[str, Any], where: str) -> str:
     return value
 
 
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json(body: bytes) -> object:
+    """Parse a JSON body. Lone surrogates (\\udc80.. escapes of undecodable bytes) are
+    valid JSON that orjson refuses: such a body is parsed again by the standard library."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInputError(f"malformed JSON: {exc}") from exc
+        if "surrogate" not in str(exc):
+            raise InvalidInputError(f"malformed JSON: {exc}") from exc
+        try:
+            return json.loads(body, parse_constant=_reject_constant)
+        except ValueError:
+            raise InvalidInputError(f"malformed JSON: {exc}") from exc
 
 
 def parse_hello(body: bytes) -> tuple[str, int]:
@@ -130,27 +143,46 @@ def parse_list(body: bytes, metrics: Metrics | None = None) -> LegacyList:
 
 
 class ListFetcher:
-    """Fetches `GET http://HOST:PORT/files` with a timeout and a size cap."""
+    """Fetches `GET http://HOST:PORT/files` with a timeout and a size cap.
+
+    At most `max_fetches` run at once (the others wait their turn), and each
+    stops reading at `max_bytes`: the bodies in memory never exceed their product,
+    whatever a peer announces or streams.
+    """
 
     def __init__(
-        self, session: aiohttp.ClientSession, timeout: float, max_bytes: int, metrics: Metrics
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float,
+        max_bytes: int,
+        max_fetches: int,
+        metrics: Metrics,
     ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_bytes = max_bytes
+        self._slots = asyncio.Semaphore(max_fetches)
         self._metrics = metrics
 
     async def __call__(self, host: str, port: int) -> LegacyList:
-        url = URL.build(scheme="http", host=host, port=port, path="/files")
+        async with self._slots:
+            body = await self._get(URL.build(scheme="http", host=host, port=port, path="/files"))
+        return parse_list(body, self._metrics)
+
+    async def _get(self, url: URL) -> bytes:
+        too_large = f"GET {url} answered more than {self._max_bytes} bytes (--max-list-bytes)"
         async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise InvalidInputError(f"GET {url} answered {resp.status}")
-            body = bytearray()
+            if (resp.content_length or 0) > self._max_bytes:
+                raise InvalidInputError(too_large)
+            chunks, size = [], 0
             async for chunk in resp.content.iter_any():
-                body += chunk
-                if len(body) > self._max_bytes:
-                    raise InvalidInputError(f"GET {url} answered more than {self._max_bytes} bytes")
-        return parse_list(bytes(body), self._metrics)
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise InvalidInputError(too_large)
+                chunks.append(chunk)
+        return b"".join(chunks)
 
 
 class LegacyGuard:

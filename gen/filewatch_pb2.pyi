@@ -425,9 +425,11 @@ class FileEntry(_message.Message):
     node: _builtins.str
     """the watcher holding it"""
     size: _builtins.int
+    """0 when unknown (see modified)"""
     modified_unix_ns: _builtins.int
+    """0 when unknown (see modified)"""
     modified: _builtins.str
-    """RFC 3339, UTC"""
+    """RFC 3339, UTC; empty: size and time unknown (legacy watchers)"""
     def __init__(
         self,
         *,

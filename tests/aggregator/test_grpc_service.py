@@ -551,6 +551,7 @@ async def test_a_reconnect_within_the_ttl_keeps_the_files(
     waited = time.monotonic()
     while time.monotonic() - waited < aggregator.config.ttl * 1.5:
         assert await names_of(channel, "node-a") == [b"a.txt"]
+        await second.heartbeat(0)  # alive, as an idle watcher is
         await asyncio.sleep(0.05)
     second.call.cancel()
 

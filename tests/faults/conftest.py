@@ -221,6 +221,10 @@ class WatcherFactory(Protocol):
         ...
 
 
+LEGACY_HELLO_PERIOD = "0.5"
+"""The legacy watchers' --hello-interval, and the aggregators' --legacy-hello-period."""
+
+
 def start_aggregator_in(
     procs: Processes,
     *extra: str,
@@ -237,6 +241,7 @@ def start_aggregator_in(
             "--http", f"{HOST}:{http_port}",
             "--grpc", f"{HOST}:{grpc_port}",
             "--ttl", str(ttl),
+            "--legacy-hello-period", LEGACY_HELLO_PERIOD,
             "--log-format", "json",
             *extra,
         ],
@@ -260,7 +265,7 @@ WATCHER_DEFAULTS: tuple[str, ...] = (
     "--reconnect-min", "0.05",
     "--reconnect-max", "0.5",
     "--keepalive", "1",
-    "--hello-interval", "0.5",
+    "--hello-interval", LEGACY_HELLO_PERIOD,
 )  # fmt: skip
 """Fast fault detection; a test's own flags come later and win."""
 

@@ -49,6 +49,8 @@ TTL = 3.0
 """The --ttl every aggregator of these tests runs with."""
 GAP_WAIT = 0.3
 """The --gap-wait every aggregator of these tests runs with."""
+HELLO_PERIOD = 1.0
+"""The --hello-interval of these tests' watchers, and the aggregators' --legacy-hello-period."""
 
 
 # ---------------------------------------------------------------- HTTP (blocking)
@@ -153,6 +155,7 @@ class Processes(ProcessTracker):
                 "--grpc", f"{HOST}:{grpc_port}",
                 "--ttl", str(TTL),
                 "--gap-wait", str(GAP_WAIT),
+                "--legacy-hello-period", str(HELLO_PERIOD),
                 "--log-format", "json",
                 *extra,
             ],
@@ -166,7 +169,7 @@ class Processes(ProcessTracker):
         aggregator: str,
         *extra: str,
         port: int = 0,
-        hello_interval: float = 1.0,
+        hello_interval: float = HELLO_PERIOD,
     ) -> WatcherProc:
         """Start a watcher on `folder` reporting to `aggregator` (http:// or grpc://)."""
         proc = self.spawn(
@@ -208,7 +211,12 @@ class WatcherFactory(Protocol):
     """Starts a watcher for one test."""
 
     def __call__(
-        self, folder: Path, aggregator: str, *extra: str, port: int = 0, hello_interval: float = 1.0
+        self,
+        folder: Path,
+        aggregator: str,
+        *extra: str,
+        port: int = 0,
+        hello_interval: float = HELLO_PERIOD,
     ) -> WatcherProc:
         """`aggregator` is its -aggregator URL (http:// for the legacy protocol)."""
         ...
@@ -274,8 +282,15 @@ class Fetch:
 
 
 def go_json(value: object) -> bytes:
-    """JSON as Go's encoding/json writes it (compact)."""
-    return orjson.dumps(value)
+    """JSON as Go's encoding/json writes it (compact).
+
+    Lone surrogates (our watcher's escapes of undecodable bytes, which Go never
+    writes) go through the standard library: orjson refuses them.
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 class FakeGoWatcher:
