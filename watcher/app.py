@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import socket
-import stat
 import time
 import uuid
 from typing import Any
@@ -24,7 +23,7 @@ from watcher.client import Identity, SyncClient
 from watcher.config import WatcherConfig
 from watcher.fs_events import FolderObserver, Observation
 from watcher.legacy_client import LegacyClient
-from watcher.scanner import scan_folder, stat_file
+from watcher.scanner import FolderError, folder_identity, scan_folder, stat_names
 from watcher.state import FolderState
 from watcher.telemetry import WatcherMetrics
 
@@ -54,6 +53,7 @@ class Watcher:
         self._client: SyncClient | LegacyClient | None = None
         self._observer: FolderObserver | None = None
         self._folder_ident: tuple[int, int] | None = None
+        self._check_failure: str | None = None  # why the folder is out of reach, if it is
         self.folder_state = "ok"  # ok | missing | unreadable | error
         r = self.registry
         self.metrics = WatcherMetrics(self.registry, tracer)
@@ -107,9 +107,7 @@ class Watcher:
             # is left to them, as their stat may be newer than ours.
             self.state.begin_scan()
             try:
-                fresh = await asyncio.to_thread(
-                    lambda: [(n, stat_file(self.folder, n)) for n in touched]
-                )
+                fresh = await asyncio.to_thread(stat_names, self.folder, touched)
             finally:
                 again = self.state.end_scan()
             self._on_fs([(n, st) for n, st in fresh if n not in again], now)
@@ -129,13 +127,12 @@ class Watcher:
             if self.folder_state != "missing":
                 await self._checked_scan()
 
-    def _folder_identity(self) -> tuple[int, int] | None:
-        """(device, inode) of the folder, or None if it is not there. Blocking."""
+    def _folder_identity(self) -> tuple[int, int] | FolderError:
+        """(device, inode) of the folder, or why it is not usable. Blocking."""
         try:
-            st = os.stat(self.folder)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+            return folder_identity(self.folder)
+        except FolderError as err:
+            return err
 
     def _forget_all(self) -> None:
         """The folder is gone, and so are its files."""
@@ -164,16 +161,29 @@ class Watcher:
                 await asyncio.wait_for(stop.wait(), interval)
                 return
             ident = await asyncio.to_thread(self._folder_identity)
-            if ident is None:
-                if self.folder_state != "missing":
-                    self.folder_state = "missing"
-                    log.error("folder_missing", files_dropped=len(self.state.files))
-                    if self._observer is not None:
-                        await self._observer.stop()
-                    self._forget_all()
+            if isinstance(ident, FolderError):
+                if ident.state == "missing":
+                    if self.folder_state != "missing":
+                        self.folder_state = "missing"
+                        log.error(
+                            "folder_missing", reason=str(ident), files_dropped=len(self.state.files)
+                        )
+                        if self._observer is not None:
+                            await self._observer.stop()
+                        self._forget_all()
+                elif self._check_failure != str(ident):
+                    # There, but out of reach (a parent's permissions, say): not missing,
+                    # so its files stay listed, as they do when a rescan cannot read it.
+                    self._check_failure = str(ident)
+                    self.folder_state = ident.state
+                    log.error("folder_check_failed", error=str(ident), folder_state=ident.state)
                 continue
-            if self.folder_state == "missing" or ident != self._folder_ident:
-                log.warning("folder_back", replaced=self.folder_state != "missing")
+            recovered, self._check_failure = self._check_failure is not None, None
+            if self.folder_state == "missing" or ident != self._folder_ident or recovered:
+                log.warning(
+                    "folder_back",
+                    replaced=self.folder_state != "missing" and ident != self._folder_ident,
+                )
             elif self._observer is not None and not self._observer.is_alive():
                 log.error("observer_restarted")
             else:
@@ -203,8 +213,10 @@ class Watcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then say goodbye and clean up."""
         cfg = self.config
-        if not await asyncio.to_thread(os.path.isdir, self.folder):
-            raise WatcherError(f"folder {cfg.dir!r} does not exist or is not a folder")
+        try:
+            self._folder_ident = await asyncio.to_thread(folder_identity, self.folder)
+        except FolderError as err:
+            raise WatcherError(f"folder {_shown(cfg.dir)}: {err}") from None
         loop = asyncio.get_running_loop()
         from watcher.http_server import make_app  # noqa: PLC0415 (keeps start-up imports lean)
 
@@ -214,7 +226,6 @@ class Watcher:
         )
         await runner.setup()
         observer = self._observer = FolderObserver(self.folder, loop, self._on_fs)
-        self._folder_ident = await asyncio.to_thread(self._folder_identity)
         try:
             site = web.TCPSite(runner, cfg.http_host, cfg.port, reuse_address=True)
             try:
@@ -286,6 +297,13 @@ class Watcher:
             reconnect_max=cfg.reconnect_max,
             metrics=self.metrics,
         )
+
+
+def _shown(path: str, keep: int = 60) -> str:
+    """A path for an error message: quoted, its middle elided when very long."""
+    if len(path) <= 3 * keep:
+        return repr(path)
+    return f"{path[:keep]!r}...{path[-keep:]!r} ({len(os.fsencode(path)):,} bytes)"
 
 
 async def run(config: WatcherConfig) -> None:

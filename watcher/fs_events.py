@@ -5,6 +5,10 @@ event touches (so no file-system call runs on the event loop) and hands
 `(name, stat or None)` pairs to the loop with `call_soon_threadsafe`. Whatever
 the event type, the current state of the name is what counts: a late or
 duplicated event can only confirm the truth, never invent a file.
+
+Names are stat'ed relative to a descriptor of the folder opened at `start`
+(`fstatat`), not through `folder/name`: near PATH_MAX the joined path is too
+long for the kernel, and a file would seem to vanish at its first write.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,7 +31,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from watcher.scanner import FileStat, stat_file
+from watcher.scanner import FileStat, open_folder, stat_at
 
 Observation = list[tuple[bytes, FileStat | None]]
 Sink = Callable[[Observation, int], None]
@@ -56,6 +61,25 @@ class _Handler(FileSystemEventHandler):
         self._folder = folder
         self._loop = loop
         self._sink = sink
+        # The folder's descriptor while watching; the lock keeps `close` from
+        # closing it (and the number from being reused) under a stat.
+        self._dir_fd: int | None = None
+        self._fd_lock = threading.Lock()
+
+    def open(self) -> None:
+        """Open the folder's descriptor (raises OSError if it is not an accessible folder)."""
+        fd = open_folder(self._folder)
+        with self._fd_lock:
+            old, self._dir_fd = self._dir_fd, fd
+        if old is not None:
+            os.close(old)
+
+    def close(self) -> None:
+        """Close the folder's descriptor; events after this are ignored."""
+        with self._fd_lock:
+            fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _name(self, path: str | bytes) -> bytes | None:
         raw = os.fsencode(path)
@@ -70,7 +94,11 @@ class _Handler(FileSystemEventHandler):
         if event.dest_path:
             names.append(self._name(event.dest_path))
         # A rename is one observation: both names reach the loop together.
-        obs = [(n, stat_file(self._folder, n)) for n in names if n is not None]
+        with self._fd_lock:
+            fd = self._dir_fd
+            if fd is None:
+                return  # stopped
+            obs = [(n, stat_at(fd, n)) for n in names if n is not None]
         if obs:
             self._loop.call_soon_threadsafe(self._sink, obs, observed)
 
@@ -85,12 +113,17 @@ class FolderObserver:
 
     def start(self) -> None:
         """Start watching (raises OSError if the folder cannot be watched)."""
-        observer = Observer()
-        observer.schedule(
-            self._handler, os.fsdecode(self._folder), recursive=False, event_filter=_EVENTS
-        )
-        observer.daemon = True
-        observer.start()
+        self._handler.open()
+        try:
+            observer = Observer()
+            observer.schedule(
+                self._handler, os.fsdecode(self._folder), recursive=False, event_filter=_EVENTS
+            )
+            observer.daemon = True
+            observer.start()
+        except BaseException:
+            self._handler.close()
+            raise
         self._observer = observer
 
     def is_alive(self) -> bool:
@@ -98,8 +131,9 @@ class FolderObserver:
         return self._observer is not None and self._observer.is_alive()
 
     async def stop(self) -> None:
-        """Stop the observer and join its thread off the event loop."""
+        """Stop the observer, join its thread off the event loop, close the folder's descriptor."""
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
             await asyncio.to_thread(observer.join, 5.0)
+        await asyncio.to_thread(self._handler.close)

@@ -7,7 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from watcher.scanner import FileStat, scan_folder, stat_file
+from gen import filewatch_pb2 as pb
+from tests.paths import deep_folder
+from watcher.scanner import (
+    MTIME_NS_MAX,
+    MTIME_NS_MIN,
+    SIZE_MAX,
+    FileStat,
+    FolderError,
+    file_stat,
+    folder_identity,
+    scan_folder,
+    stat_file,
+    stat_names,
+)
 
 MTIME_NS = 1_600_000_000_123_456_789
 
@@ -123,3 +136,128 @@ def test_stat_file_sees_the_current_state(tmp_path: Path) -> None:
     assert stat_file(raw_folder, b"f") is None
     os.mkdir(os.path.join(raw_folder, b"f"))
     assert stat_file(raw_folder, b"f") is None
+
+
+# ---------------------------------------------------------------- stats out of range
+
+
+def _stat_result(size: int, mtime_ns: int) -> os.stat_result:
+    """A stat result of a regular file with this size and mtime (any int, as a kernel may say)."""
+    seconds = mtime_ns / 1e9
+    fields = (0o100644, 1, 1, 1, 0, 0, size, 0, int(seconds), 0)
+    return os.stat_result((*fields, 0.0, seconds, 0.0, 0, mtime_ns, 0))
+
+
+YEAR_3000_NS = 32_503_680_000 * 10**9
+YEAR_1600_NS = -11_676_096_000 * 10**9
+YEAR_1960_NS = -315_619_200 * 10**9
+
+
+@pytest.mark.parametrize(
+    ("size", "mtime_ns", "expected"),
+    [
+        pytest.param(5, MTIME_NS, FileStat(5, MTIME_NS), id="ordinary"),
+        pytest.param(0, YEAR_1960_NS, FileStat(0, YEAR_1960_NS), id="before-1970-exact"),
+        pytest.param(1, 0, FileStat(1, 0), id="the-epoch"),
+        pytest.param(1, MTIME_NS_MAX, FileStat(1, MTIME_NS_MAX), id="int64-max-exact"),
+        pytest.param(1, MTIME_NS_MIN, FileStat(1, MTIME_NS_MIN), id="int64-min-exact"),
+        pytest.param(1, YEAR_3000_NS, FileStat(1, MTIME_NS_MAX), id="year-3000-to-2262"),
+        pytest.param(1, MTIME_NS_MAX + 1, FileStat(1, MTIME_NS_MAX), id="one-past-int64"),
+        pytest.param(1, YEAR_1600_NS, FileStat(1, MTIME_NS_MIN), id="year-1600-to-1677"),
+        pytest.param(1, MTIME_NS_MIN - 1, FileStat(1, MTIME_NS_MIN), id="one-before-int64"),
+        pytest.param(SIZE_MAX, 0, FileStat(SIZE_MAX, 0), id="uint64-max-size-exact"),
+        pytest.param(SIZE_MAX + 1, 0, FileStat(SIZE_MAX, 0), id="size-past-uint64"),
+        pytest.param(-1, 0, FileStat(0, 0), id="negative-size-to-0"),
+    ],
+)
+def test_file_stat_clamps_each_value_into_the_wire_range(
+    size: int, mtime_ns: int, expected: FileStat
+) -> None:
+    assert file_stat(_stat_result(size, mtime_ns)) == expected
+
+
+def test_every_clamped_stat_fits_the_proto(tmp_path: Path) -> None:
+    """What the scan and stat_file read from real files dated 3000 and 1600 encodes."""
+    raw = os.fsencode(tmp_path)
+    for name, when in ((b"future", YEAR_3000_NS), (b"past", YEAR_1600_NS), (b"60s", YEAR_1960_NS)):
+        make_file(raw, name)
+        os.utime(os.path.join(raw, name), ns=(when, when))
+    files = scan_folder(raw)
+    assert files == {n: stat_file(raw, n) for n in files}
+    assert files[b"future"].mtime_ns == MTIME_NS_MAX  # the file system keeps > 2262 (ext4: 2446)
+    assert files[b"60s"].mtime_ns == YEAR_1960_NS
+    chunk = pb.WatcherMessage()
+    for name, (size, mtime_ns) in files.items():
+        chunk.snapshot_chunk.files.add(name=name, size=size, mtime_ns=mtime_ns)
+    assert len(chunk.SerializeToString()) > 0
+
+
+# ---------------------------------------------------------------- long paths
+
+
+def test_names_are_stated_relative_to_the_folder_past_path_max(tmp_path: Path) -> None:
+    folder = os.fsencode(deep_folder(tmp_path, 4030))
+    name = b"n" * 200
+    make_file(folder, b"short")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        file_fd = os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+        os.write(file_fd, b"abc")
+        os.close(file_fd)
+        mtime_ns = os.stat(name, dir_fd=fd).st_mtime_ns
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="too long"):
+        os.stat(os.path.join(folder, name))  # folder/name: 4,231 bytes, over PATH_MAX
+    assert stat_file(folder, name) == FileStat(3, mtime_ns)
+    assert stat_names(folder, [name, b"short", b"gone"]) == [
+        (name, FileStat(3, mtime_ns)),
+        (b"short", FileStat(5, MTIME_NS)),
+        (b"gone", None),
+    ]
+    assert scan_folder(folder)[name] == FileStat(3, mtime_ns)
+
+
+def test_stat_names_of_a_folder_that_cannot_be_opened(tmp_path: Path) -> None:
+    assert stat_names(os.fsencode(tmp_path / "missing"), [b"a", b"b"]) == [
+        (b"a", None),
+        (b"b", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "state", "reason"),
+    [
+        pytest.param("missing", "missing", "does not exist", id="missing"),
+        pytest.param("a-file", "missing", "is not a folder", id="a-file"),
+        pytest.param("a-file/below", "missing", "is not a folder", id="below-a-file"),
+        pytest.param(
+            "d/" * 2100,
+            "error",
+            "path too long: {length:,} bytes, the limit is 4,095 (PATH_MAX)",
+            id="path-too-long",
+        ),
+        pytest.param(
+            "x" * 300,
+            "error",
+            "a path component is too long: 300 bytes, the limit is 255 (NAME_MAX)",
+            id="name-too-long",
+        ),
+    ],
+)
+def test_folder_identity_tells_the_causes_apart(
+    tmp_path: Path, path: str, state: str, reason: str
+) -> None:
+    make_file(tmp_path, "a-file")
+    target = os.fsencode(tmp_path / path)
+    with pytest.raises(FolderError) as caught:
+        folder_identity(target)
+    assert caught.value.state == state
+    assert str(caught.value).startswith(reason.format(length=len(target)))
+
+
+def test_folder_identity_of_a_folder(tmp_path: Path) -> None:
+    st = os.stat(tmp_path)
+    assert folder_identity(os.fsencode(tmp_path)) == (st.st_dev, st.st_ino)
+    deep = deep_folder(tmp_path, 4090)
+    assert folder_identity(os.fsencode(deep)) == (os.stat(deep).st_dev, os.stat(deep).st_ino)
