@@ -80,10 +80,11 @@ class Watcher:
             self._wake.set()
 
     def health(self) -> dict[str, Any]:
-        """What /healthz answers."""
+        """What /healthz answers: "failing" (HTTP 503), with the reason, while refused."""
         client = self._client
-        return {
-            "status": "ok",
+        refusal = client.refusal if client else None
+        health: dict[str, Any] = {
+            "status": "failing" if refusal else "ok",
             "instance": self.instance,
             "folder": os.fsdecode(self.folder),
             "files": len(self.state.files),
@@ -91,6 +92,9 @@ class Watcher:
             "stream": client.stream_state.value if client else "starting",
             "folder_state": self.folder_state,
         }
+        if refusal:
+            health["reason"] = refusal
+        return health
 
     async def _scan(self) -> int:
         """A full scan merged into the state; returns how many names it changed."""

@@ -30,6 +30,20 @@ log = structlog.get_logger(__name__)
 
 _OPS = {Op.ADD: pb.OP_ADD, Op.REMOVE: pb.OP_REMOVE, Op.MODIFY: pb.OP_MODIFY}
 
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.ALREADY_EXISTS,  # our --name is held by another live watcher
+        grpc.StatusCode.UNAUTHENTICATED,  # a missing or wrong --token
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # over a limit of the aggregator's
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+"""The aggregator's answers that say "not you, not like this": retrying alone will not
+help, so the watcher reports itself failing (/healthz 503) until a stream is accepted.
+A broken link or a restarting aggregator is not one of them."""
+
 
 class StreamState(enum.Enum):
     """Where the stream stands, for /healthz and metrics."""
@@ -144,6 +158,8 @@ class SyncClient:
         self._state_value = StreamState.CONNECTING
         self.applied_sequence = 0
         self._resync = False
+        self.refusal: str | None = None
+        """Why the aggregator refused the last stream (code: details), until one is accepted."""
 
     @property
     def stream_state(self) -> StreamState:
@@ -158,6 +174,7 @@ class SyncClient:
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, sync, reconnect on failure; on `stop`, say goodbye and return."""
         failures = 0
+        fields: dict[str, object]
         options = [
             ("grpc.keepalive_time_ms", int(self._keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", int(self._keepalive * 1000)),
@@ -182,20 +199,26 @@ class SyncClient:
                     if stop.is_set():
                         break
                     failures = 0 if welcomed else failures + 1
-                    log.warning("stream_ended", target=self._target)
+                    event, fields = "stream_ended", {}
                 except (grpc.aio.AioRpcError, SyncError) as err:
                     failures += 1
                     code = err.code() if isinstance(err, grpc.aio.AioRpcError) else err.code
                     details = (
                         err.details() if isinstance(err, grpc.aio.AioRpcError) else err.details
                     )
-                    log.warning(
-                        "stream_failed", target=self._target, code=str(code), details=details
-                    )
+                    refused = code in REFUSALS
+                    if refused:
+                        self.refusal = f"{code.name if code else 'PROTOCOL'}: {details}"
+                    event = "stream_failed"
+                    fields = {"code": str(code), "details": details, "refused": refused}
                 self.metrics.reconnects.inc()
                 self.stream_state = StreamState.BACKOFF
                 delay = random.uniform(
                     0, min(self._reconnect_max, self._reconnect_min * 2**failures)
+                )
+                # One line per attempt: the failures in a row, and when the next try comes.
+                log.warning(
+                    event, target=self._target, attempt=failures, retry_in=round(delay, 3), **fields
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
@@ -228,6 +251,9 @@ class SyncClient:
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
             raise SyncError(await call.code(), await call.details() or "no welcome")
         welcome = first.welcome
+        if self.refusal is not None:
+            log.info("stream_accepted", previous_refusal=self.refusal)
+            self.refusal = None
         self.stream_state = StreamState.SYNCING
         self._resync = False  # a request from a previous stream is answered below
         resend = st.batches_after(welcome.applied_sequence) if welcome.resume else None

@@ -34,8 +34,13 @@ async def get_files(request: web.Request) -> web.Response:
 
 
 async def get_healthz(request: web.Request) -> web.Response:
-    """GET /healthz: alive, with the stream's state."""
-    return web.Response(body=orjson.dumps(request.app[HEALTH]()), content_type="application/json")
+    """GET /healthz: alive, with the stream's state; 503 while the aggregator refuses us."""
+    health = request.app[HEALTH]()
+    return web.Response(
+        status=200 if health["status"] == "ok" else 503,
+        body=orjson.dumps(health),
+        content_type="application/json",
+    )
 
 
 async def get_metrics(request: web.Request) -> web.Response:

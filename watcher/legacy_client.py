@@ -67,6 +67,8 @@ class LegacyClient:
         self._reconnect_max = reconnect_max
         self.metrics = metrics or WatcherMetrics()
         self._state_value = StreamState.CONNECTING
+        self.refusal: str | None = None
+        """Why the aggregator refused the last hello (a 4xx), until one is accepted."""
 
     @property
     def stream_state(self) -> StreamState:
@@ -102,13 +104,29 @@ class LegacyClient:
 
     async def _hello_loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         body = {"instance": self._instance, "port": self._port}
+        failures = 0
         while not stop.is_set():
             try:
                 await self._post(session, "POST", "hello", body)
                 self.stream_state = StreamState.LIVE
+                failures = 0
+                if self.refusal is not None:
+                    log.info("hello_accepted", previous_refusal=self.refusal)
+                    self.refusal = None
             except (aiohttp.ClientError, TimeoutError, RejectedError) as err:
+                failures += 1
                 self.stream_state = StreamState.BACKOFF
-                log.warning("hello_failed", error=str(err) or type(err).__name__)
+                refused = isinstance(err, RejectedError)
+                if refused:
+                    self.refusal = str(err)
+                # One line per attempt: the failures in a row, and when the next hello goes.
+                log.warning(
+                    "hello_failed",
+                    error=str(err) or type(err).__name__,
+                    refused=refused,
+                    attempt=failures,
+                    retry_in=self._hello_interval,
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._hello_interval)
 
