@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from watcher.legacy_json import dumps, legacy_name
 from watcher.state import FolderState
 
 STATE: web.AppKey[FolderState] = web.AppKey("state", FolderState)
@@ -17,20 +17,17 @@ REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegist
 HEALTH: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("health")
 
 
-def _name(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")  # what the Go watcher sends: U+FFFD for bad bytes
-
-
 async def get_files(request: web.Request) -> web.Response:
     """GET /files: {"instance":..., "files":[{"filename":...}], "seqno":N}."""
     state = request.app[STATE]
     # Read in one step of the loop: the list includes every change up to seqno.
     payload = {
         "instance": request.app[INSTANCE],
-        "files": [{"filename": _name(n)} for n in state.files],
+        "files": [{"filename": legacy_name(n)} for n in state.files],
         "seqno": state.sequence,
     }
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+    # Undecodable bytes as \udcXY escapes, as in our PATCHes (see watcher.legacy_json).
+    return web.Response(body=dumps(payload), content_type="application/json")
 
 
 async def get_healthz(request: web.Request) -> web.Response:
@@ -38,7 +35,7 @@ async def get_healthz(request: web.Request) -> web.Response:
     health = request.app[HEALTH]()
     return web.Response(
         status=200 if health["status"] == "ok" else 503,
-        body=orjson.dumps(health),
+        body=dumps(health),  # the folder's path may hold undecodable bytes too
         content_type="application/json",
     )
 

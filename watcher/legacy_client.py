@@ -2,9 +2,10 @@
 
 Byte for byte what the Go watcher sends, minus its faults: the first hello goes
 out at once, bye is said on SIGINT too, and a failed request is retried with
-backoff instead of being lost. Each change gets its own seqno (+1 per change),
-the same counter `GET /files` reports, so the aggregator's snapshot and our
-PATCHes line up.
+backoff instead of being lost, and names that are not UTF-8 are kept apart
+(undecodable bytes as \\udcXY escapes, not U+FFFD: see `watcher.legacy_json`).
+Each change gets its own seqno (+1 per change), the same counter `GET /files`
+reports, so the aggregator's snapshot and our PATCHes line up.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import random
 from typing import Any
 
 import aiohttp
-import orjson
 import structlog
 from opentelemetry.trace import SpanKind
 
 from common.tracing import inject
 from watcher.client import StreamState
+from watcher.legacy_json import dumps, legacy_name
 from watcher.state import FolderState, Op
 from watcher.telemetry import WatcherMetrics
 
@@ -88,7 +89,7 @@ class LegacyClient:
         body: Any,
         traceparent: str = "",
     ) -> None:
-        data = orjson.dumps(body)
+        data = dumps(body)
         headers = {**self._headers, "traceparent": traceparent} if traceparent else self._headers
         async with session.request(
             method, self._base + path, data=data, headers=headers, allow_redirects=False
@@ -141,7 +142,7 @@ class LegacyClient:
                 {
                     "instance": self._instance,
                     "op": _LEGACY_OPS[change.op],
-                    "value": {"filename": change.name.decode("utf-8", "replace")},
+                    "value": {"filename": legacy_name(change.name)},
                     "seqno": batch.sequence,
                 }
             )
