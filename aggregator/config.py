@@ -10,7 +10,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from aggregator.allocator import ALLOCATORS
-from common.flags import ENV_PREFIX, add_config_flag
+from common.flags import (
+    CREDENTIAL_FILE_HELP,
+    CREDENTIAL_HELP,
+    ENV_PREFIX,
+    add_config_flag,
+    resolve_token,
+)
 
 DEFAULT_HTTP = ("127.0.0.1:8000", "127.0.0.1:12345")
 
@@ -38,6 +44,8 @@ class AggregatorConfig:
     """Seconds a vanished watcher's files are kept before they are removed."""
     token: str = ""
     """Shared token required for ingestion; empty: none."""
+    token_file: str = ""
+    """File the token was read from (from_args puts its content in `token`)."""
     log_level: str = "info"
     """debug, info, warning or error."""
     log_format: str = "auto"
@@ -156,7 +164,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.set_defaults(env_http=env_http)
     opt("--grpc", help="gRPC listen address HOST:PORT", metavar="HOST:PORT")
     opt("--ttl", help="seconds a vanished watcher's files are kept")
-    opt("--token", help="shared token required for ingestion")
+    opt("--token", help=CREDENTIAL_HELP)
+    opt("--token-file", help=CREDENTIAL_FILE_HELP, metavar="PATH")
     opt("--log-level", help="debug|info|warning|error")
     opt("--log-format", help="kv|json|auto")
     opt("--max-watchers", help="watchers held at once")
@@ -218,4 +227,5 @@ def from_args(argv: Sequence[str], env: Mapping[str, str]) -> AggregatorConfig:
         http = DEFAULT_HTTP
     networks = tuple(n.strip() for n in ns.legacy_networks.split(",") if n.strip())
     plain = {f.name: getattr(ns, f.name) for f in fields(AggregatorConfig)}
-    return AggregatorConfig(**(plain | {"http": http, "legacy_networks": networks}))
+    token = resolve_token(ns.token, ns.token_file)
+    return AggregatorConfig(**(plain | {"http": http, "legacy_networks": networks, "token": token}))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from common.flags import add_config_flag
+from common.flags import CREDENTIAL_FILE_HELP, CREDENTIAL_HELP, add_config_flag, resolve_token
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class WatcherConfig:
     """Watcher name shown by the aggregator; default HOSTNAME:PORT."""
     token: str = ""
     """Shared ingestion token, if the aggregator requires one."""
+    token_file: str = ""
+    """File the token was read from (from_args puts its content in `token`)."""
     rescan_interval: float = 30.0
     """Seconds between full rescans that repair missed events (jittered); 0: never."""
     hello_interval: float = 5.0
@@ -136,7 +138,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "or headers still unsent), then it is closed; a response in progress is not cut",
     )
     opt("--name", help="watcher name (default HOSTNAME:PORT)")
-    opt("--token", help="shared ingestion token")
+    opt("--token", help=CREDENTIAL_HELP)
+    opt("--token-file", help=CREDENTIAL_FILE_HELP, metavar="PATH")
     opt("--rescan-interval", help="seconds between repair rescans, 0 = never")
     opt("--hello-interval", help="seconds between legacy hellos")
     opt("--folder-check-interval", help="seconds between folder/observer checks")
@@ -156,4 +159,5 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 def from_args(argv: Sequence[str], env: Mapping[str, str]) -> WatcherConfig:
     """Build the config from a command line and an environment (both injected)."""
     ns = build_parser(env).parse_args(list(argv))
+    ns.token = resolve_token(ns.token, ns.token_file)
     return WatcherConfig(**vars(ns))
