@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 RUN := .run
 AGGREGATOR_ADDRESS ?= grpc://127.0.0.1:50051
 
-.PHONY: install proto check-proto fmt lint test run stop bench soak clean tools check-observability observe
+.PHONY: help install proto check-proto fmt lint test run stop bench soak clean tools check-observability observe
+
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) ## create .venv and install the project (make run and make test do it too)
 
-proto: $(STAMP)
+proto: $(STAMP) ## regenerate gen/ from proto/
 	rm -f gen/*_pb2*.py gen/*_pb2*.pyi
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Igen=proto --python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. proto/*.proto
@@ -27,11 +30,11 @@ check-proto: proto
 		echo "gen/ is stale: run 'make proto' and commit the result"; \
 		git status --porcelain gen/; exit 1; fi
 
-fmt: $(STAMP)
+fmt: $(STAMP) ## format and fix with ruff
 	$(VENV)/bin/ruff format aggregator watcher common tests bench scripts
 	$(VENV)/bin/ruff check --fix aggregator watcher common tests bench scripts
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict
 	$(VENV)/bin/ruff format --check aggregator watcher common tests bench scripts
 	$(VENV)/bin/ruff check aggregator watcher common tests bench scripts
 	$(VENV)/bin/mypy
@@ -44,17 +47,17 @@ tools:
 check-observability: tools
 	bash observability/check.sh
 
-test: $(STAMP) check-proto lint check-observability
+test: $(STAMP) check-proto lint check-observability ## the whole suite (what CI runs)
 	$(PY) -m pytest
 
 # Prometheus on 127.0.0.1:9090 scraping `make run` (foreground; Ctrl-C stops it).
-observe: tools
+observe: tools ## a local Prometheus on 127.0.0.1:9090 scraping make run
 	@bash observability/run_prometheus.sh
 
-run: $(STAMP)
+run: $(STAMP) ## start the aggregator and two watchers in the background
 	@$(PY) scripts/devrun.py start --aggregator-address '$(AGGREGATOR_ADDRESS)'
 
-stop:
+stop: ## stop exactly what make run started
 	@$(PYTHON) scripts/devrun.py stop
 
 BENCH_STAMP := $(VENV)/.bench-installed
@@ -64,12 +67,12 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Every scenario of SPEC 9 (several minutes); QUICK=1 is the one-minute smoke run.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) ## the benchmarks and their tables (QUICK=1: a one-minute run)
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 # The full load of issue 5: 200 watchers x 1,000 files, 60 s of churn, twice (~3 min).
-soak: $(STAMP)
+soak: $(STAMP) ## the full load test: memory level across repeated rounds
 	FILEWATCH_SOAK=1 $(PY) -m pytest -p no:cacheprovider -s tests/faults/test_load.py
 
-clean: stop
+clean: stop ## stop, then remove .run and the caches
 	rm -rf $(RUN) .mypy_cache .ruff_cache .pytest_cache

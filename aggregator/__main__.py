@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         no_mimalloc = exec_with_mimalloc() if argv is None else "not run as a command"
     # Imported only now, on the allocator it will run on: gRPC, aiohttp and
     # OpenTelemetry take most of a second to import, which the re-exec would double.
-    from aggregator.app import run  # noqa: PLC0415
+    from aggregator.app import StartupError, run  # noqa: PLC0415
 
     # No *_created series: less noise per scrape.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger(__name__).warning("allocator_pymalloc", reason=no_mimalloc)
     if config.malloc_arenas:
         limit_malloc_arenas(config.malloc_arenas)  # before gRPC starts its threads
-    asyncio.run(run(config))
+    try:
+        asyncio.run(run(config))
+    except StartupError as err:
+        print(f"aggregator: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

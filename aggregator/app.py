@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 
 import aiohttp
@@ -40,6 +41,32 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["WatcherSync"].full_name,
     pb.DESCRIPTOR.services_by_name["FileIndex"].full_name,
 )
+
+
+class StartupError(Exception):
+    """The aggregator cannot start: a listen address is taken or cannot be had."""
+
+
+def check_free(address: str) -> None:
+    """Raise StartupError if HOST:PORT cannot be bound now (a clear reason before gRPC's own).
+
+    gRPC reports a taken port only as "Failed to bind", after logging its own
+    error line; this says why, in one line, and first.
+    """
+    host, port = parse_hostport(address)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise StartupError(f"cannot listen on {address}: {err.strerror}") from err
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as err:
+            raise StartupError(f"cannot listen on {address} (gRPC): {err.strerror}") from err
 
 
 class Aggregator:
@@ -88,6 +115,7 @@ class Aggregator:
         self._runner: web.AppRunner | None = None
         self._http_limit: ConnectionLimit | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._started = False
         self._stopped = False
 
     async def start(self) -> None:
@@ -128,7 +156,11 @@ class Aggregator:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.grpc_port = server.add_insecure_port(cfg.grpc)
+        check_free(cfg.grpc)
+        try:
+            self.grpc_port = server.add_insecure_port(cfg.grpc)
+        except RuntimeError as err:  # grpc says only "Failed to bind"
+            raise StartupError(f"cannot listen on {cfg.grpc} (gRPC): {err}") from err
         await server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -168,10 +200,15 @@ class Aggregator:
         for address in cfg.http:
             host, port = parse_hostport(address)
             site = LimitedSite(self._runner, host, port, self._http_limit)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as err:
+                reason = os.strerror(err.errno) if err.errno else str(err)
+                raise StartupError(f"cannot listen on {address} (HTTP): {reason}") from err
             self.http_ports.append(self._runner.addresses[-1][1])
         self._reaper = asyncio.create_task(self._reap(), name="ttl-reaper")
         grpc_host = parse_hostport(cfg.grpc)[0]
+        self._started = True
         log.info(
             "aggregator_started",
             http=[
@@ -205,7 +242,8 @@ class Aggregator:
         if self._stopped:
             return
         self._stopped = True
-        log.info("aggregator_stopping", grace=self.config.grace)
+        if self._started:  # a start that failed is reported by its error alone
+            log.info("aggregator_stopping", grace=self.config.grace)
         await self._health.enter_graceful_shutdown()
         self.sync.shutdown()
         self.store.close_readers("aggregator shutting down")
@@ -226,7 +264,8 @@ class Aggregator:
             await self._session.close()
         if self.tracer_provider is not None:
             await asyncio.to_thread(self.tracer_provider.shutdown)  # flushes pending spans
-        log.info("aggregator_stopped")
+        if self._started:
+            log.info("aggregator_stopped")
 
 
 async def run(config: AggregatorConfig) -> None:

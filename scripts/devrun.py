@@ -25,11 +25,7 @@ WATCHERS = (
     ("watcher1", "sample-folders/folder1", 4000),
     ("watcher2", "sample-folders/folder2", 4001),
 )
-ORDER = (
-    "watcher1",
-    "watcher2",
-    "aggregator",
-)  # watchers first: their goodbye reaches the aggregator
+ORDER = ("aggregator", "watcher1", "watcher2")
 
 
 def _alive(pid: int) -> bool:
@@ -60,8 +56,8 @@ def _healthy(url: str) -> bool:
     return bool(body.get("status") == "ok" and body.get("stream", "live") == "live")
 
 
-def _spawn(name: str, args: list[str]) -> None:
-    log = open(RUN / f"{name}.log", "ab")  # noqa: SIM115 (handed to the child)
+def _spawn(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    log = open(RUN / f"{name}.log", "wb")  # noqa: SIM115 (handed to the child; fresh each run)
     env = {**os.environ, "FILEWATCH_LOG_FORMAT": os.environ.get("FILEWATCH_LOG_FORMAT", "kv")}
     proc = subprocess.Popen(
         [sys.executable, *args],
@@ -72,11 +68,38 @@ def _spawn(name: str, args: list[str]) -> None:
         env=env,
         start_new_session=True,  # not killed with the make that started it
     )
+    log.close()
     (RUN / f"{name}.pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _last_line(name: str) -> str:
+    """The last line a child wrote: a child that cannot start says why there, in one line."""
+    lines = (RUN / f"{name}.log").read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no output)"
+
+
+def _wait_healthy(procs: dict[str, tuple[subprocess.Popen[bytes], str]], timeout: float) -> bool:
+    """Poll until every child answers /healthz; False (said why) if one exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    pending = dict(procs)
+    while pending:
+        for name, (proc, url) in list(pending.items()):
+            if proc.poll() is not None:  # reaped: a dead child never looks alive
+                print(f"{name} exited ({proc.returncode}): {_last_line(name)}", file=sys.stderr)
+                return False
+            if _healthy(url):
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(pending)
+            print(f"not answering after {timeout:.0f} s: {names}; see .run/*.log", file=sys.stderr)
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def start(aggregator_address: str) -> int:
-    """Start all three (or only what is not running yet) and wait until they answer."""
+    """Start the aggregator, wait until it answers, then the two watchers (no failed first try)."""
     RUN.mkdir(exist_ok=True)
     for name in ORDER:
         pid = _pid(name)
@@ -84,28 +107,21 @@ def start(aggregator_address: str) -> int:
             print(f"{name} already running (pid {pid}); run 'make stop' first", file=sys.stderr)
             return 1
     http_args = [a for address in AGGREGATOR_HTTP for a in ("--http", address)]
-    _spawn("aggregator", ["-m", "aggregator", *http_args, "--grpc", AGGREGATOR_GRPC])
-    checks = {"aggregator": f"http://{AGGREGATOR_HTTP[0]}/healthz"}
+    aggregator = _spawn("aggregator", ["-m", "aggregator", *http_args, "--grpc", AGGREGATOR_GRPC])
+    if not _wait_healthy({"aggregator": (aggregator, f"http://{AGGREGATOR_HTTP[0]}/healthz")}, 30):
+        stop()
+        return 1
+    watchers = {}
     for name, folder, port in WATCHERS:
-        _spawn(
-            name,
-            ["-m", "watcher", f"-dir={folder}", f"-p={port}", f"-aggregator={aggregator_address}"],
-        )
-        checks[name] = f"http://127.0.0.1:{port}/healthz"
-    deadline = time.monotonic() + 30
-    pending = dict(checks)
-    while pending and time.monotonic() < deadline:
-        for name, url in list(pending.items()):
-            pid = _pid(name)
-            if pid is None or not _alive(pid):
-                print(f"{name} exited; see .run/{name}.log", file=sys.stderr)
-                stop()
-                return 1
-            if _healthy(url):
-                del pending[name]
-        time.sleep(0.1)
-    if pending:
-        print(f"not answering after 30 s: {', '.join(pending)}; see .run/*.log", file=sys.stderr)
+        argv = [
+            "-m",
+            "watcher",
+            f"-dir={folder}",
+            f"-p={port}",
+            f"-aggregator={aggregator_address}",
+        ]
+        watchers[name] = (_spawn(name, argv), f"http://127.0.0.1:{port}/healthz")
+    if not _wait_healthy(watchers, 30):
         stop()
         return 1
     print("filewatch is running:")
@@ -119,26 +135,38 @@ def start(aggregator_address: str) -> int:
     return 0
 
 
-def stop() -> int:
-    """SIGTERM exactly the PIDs in .run/, wait for each (bounded), then SIGKILL stragglers."""
-    for name in ORDER:
+def _terminate(names: list[str], timeout: float = 10.0) -> None:
+    """SIGTERM the PIDs of `names` at once, wait for all (bounded), SIGKILL stragglers."""
+    running = {}
+    for name in names:
         pid = _pid(name)
-        if pid is None:
-            continue
-        if _alive(pid):
+        if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-                time.sleep(0.05)
-            if _alive(pid):
-                print(
-                    f"{name} (pid {pid}) ignored SIGTERM for 10 s; sending SIGKILL", file=sys.stderr
-                )
-                os.kill(pid, signal.SIGKILL)
-            print(f"stopped {name} (pid {pid})")
+            running[name] = pid
+    deadline = time.monotonic() + timeout
+    while running and time.monotonic() < deadline:
+        for name, pid in list(running.items()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # our own child (a failed start): reap it
+            if not _alive(pid):
+                print(f"stopped {name} (pid {pid})")
+                del running[name]
+        time.sleep(0.02)
+    for name, pid in running.items():
+        print(
+            f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f} s; sending SIGKILL",
+            file=sys.stderr,
+        )
+        os.kill(pid, signal.SIGKILL)
+    for name in names:
         (RUN / f"{name}.pid").unlink(missing_ok=True)
+
+
+def stop() -> int:
+    """SIGTERM exactly the PIDs in .run/: the watchers together (their goodbye reaches the
+    aggregator), then the aggregator."""
+    _terminate([name for name, _, _ in WATCHERS])
+    _terminate(["aggregator"])
     return 0
 
 

@@ -230,12 +230,15 @@ class Watcher:
         )
         await runner.setup()
         observer = self._observer = FolderObserver(self.folder, loop, self._on_fs)
+        running = False  # a start that fails is reported by its error alone
         try:
             site = web.TCPSite(runner, cfg.http_host, cfg.port, reuse_address=True)
             try:
                 await site.start()
             except OSError as err:
-                raise WatcherError(f"cannot listen on {cfg.http_host}:{cfg.port}: {err}") from err
+                reason = os.strerror(err.errno) if err.errno else str(err)
+                address = f"{cfg.http_host}:{cfg.port}"
+                raise WatcherError(f"cannot listen on {address}: {reason}") from err
             self.http_port = runner.addresses[-1][1]
             host = socket.gethostname()
             identity = Identity(
@@ -252,6 +255,7 @@ class Watcher:
             await self._scan()
             # The legacy protocol numbers the initial scan 1; ours starts at 0.
             self.state.baseline(1 if cfg.protocol == "http" else 0)
+            running = True
             log.info(
                 "watcher_started",
                 files=len(self.state.files),
@@ -268,7 +272,8 @@ class Watcher:
         finally:
             await observer.stop()
             await runner.cleanup()
-            log.info("watcher_stopped")
+            if running:
+                log.info("watcher_stopped")
 
     def _make_client(self, identity: Identity) -> SyncClient | LegacyClient:
         cfg = self.config

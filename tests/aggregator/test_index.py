@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from aggregator.errors import LimitExceededError, UnknownWatcherError
 from aggregator.index import (
+    NO_META,
     BatchStatus,
     Change,
     Entry,
@@ -457,10 +458,31 @@ def test_entries_sorted_by_code_point_then_node(sorted_index: Index) -> None:
     assert len(sorted_index) == len(SORTED_KEYS)
 
 
+def test_a_meta_of_the_epoch_is_known_and_no_meta_is_unknown() -> None:
+    assert unpack_meta(pack_meta(5, 0)) == (5, 0)  # 1970-01-01T00:00:00Z is a time
+    assert unpack_meta(pack_meta(0, -1)) == (0, -1)  # and so is the ns before it
+    assert unpack_meta(NO_META) == (None, None)
+    index = Index()
+    index.begin_snapshot("n", "e")
+    index.extend_snapshot("n", [(b"legacy.txt", NO_META), (b"epoch.txt", pack_meta(5, 0))])
+    index.commit_snapshot("n", 0)
+    assert [(e.filename, e.size, e.mtime_ns) for e in index.entries()] == [
+        ("epoch.txt", 5, 0),
+        ("legacy.txt", None, None),
+    ]
+
+
+def meta_of(entry: Entry) -> Meta:
+    """The packed meta of an entry as read back (NO_META when size and time are unknown)."""
+    if entry.size is None or entry.mtime_ns is None:
+        return NO_META
+    return pack_meta(entry.size, entry.mtime_ns)
+
+
 def test_display_names_are_lossless(sorted_index: Index) -> None:
     for entry in sorted_index.entries():
         assert raw_name(entry.filename) == entry.raw_name
-        assert SORT_FILES[entry.node][entry.raw_name] == pack_meta(entry.size, entry.mtime_ns)
+        assert SORT_FILES[entry.node][entry.raw_name] == meta_of(entry)
     odd = [e for e in sorted_index.entries() if e.raw_name == NON_UTF8]
     assert [e.filename for e in odd] == ["\udcff\udcfe.txt"] * 2
 
@@ -815,7 +837,7 @@ def test_index_converges_to_the_folder_despite_an_unreliable_network(
             assert result.status is BatchStatus.APPLIED
     assert index.files_of(NODE) == sim.model
     mine = [e for e in index.entries() if e.node == NODE]
-    assert [(e.raw_name, pack_meta(e.size, e.mtime_ns)) for e in mine] == sorted(
+    assert [(e.raw_name, meta_of(e)) for e in mine] == sorted(
         sim.model.items(), key=lambda item: display_name(item[0])
     )
     sim.check_global()
