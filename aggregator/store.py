@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ from aggregator.index import (
     Event,
     EventKind,
     Index,
+    Key,
     Meta,
     Op,
     count_kinds,
@@ -32,6 +34,15 @@ from aggregator.telemetry import Metrics
 from common.tracing import extract
 
 _OP_LABEL = {EventKind.ADDED: "add", EventKind.REMOVED: "remove", EventKind.MODIFIED: "modify"}
+_SKIP_BUDGET = 10_000  # events skipped in one step of the loop, at most
+
+
+class _Again(enum.Enum):
+    AGAIN = "again"
+
+
+AGAIN = _Again.AGAIN
+"""`EventQueue._take` skipped its budget of events and found none to deliver yet."""
 
 
 class EventQueue:
@@ -39,26 +50,30 @@ class EventQueue:
 
     One publish is one shared, immutable tuple: a snapshot of a million files
     costs each reader one reference, not a million. `qsize()` counts events.
+
+    Each tuple is queued with the cursor of the reader's list at that moment
+    (see `Subscriber.cursor`): its events whose key sorts after that cursor are
+    skipped when read, since the list read those keys later and shows them.
     """
 
     def __init__(self) -> None:
-        self._parts: deque[Sequence[Event] | None] = deque()
+        self._parts: deque[tuple[Sequence[Event], Key | None] | None] = deque()
         self._offset = 0  # events of _parts[0] already read
         self._size = 0
         self._ready = asyncio.Event()
 
     def qsize(self) -> int:
-        """Unread events."""
+        """Unread events (those to be skipped included)."""
         return self._size
 
     def empty(self) -> bool:
-        """Nothing to read (not even the end marker)."""
+        """Nothing queued (not even the end marker)."""
         return not self._parts
 
-    def put_many(self, events: Sequence[Event]) -> None:
-        """Append one published tuple (shared, never copied)."""
+    def put_many(self, events: Sequence[Event], cursor: Key | None = None) -> None:
+        """Append one published tuple (shared, never copied), with the list's cursor."""
         if events:
-            self._parts.append(events)
+            self._parts.append((events, cursor))
             self._size += len(events)
             self._ready.set()
 
@@ -70,29 +85,48 @@ class EventQueue:
         else:
             self.put_many((item,))
 
+    def _take(self, budget: int) -> Event | _Again | None:
+        """The next event to deliver, None at the end, or AGAIN after `budget` skips."""
+        parts = self._parts
+        item: Event | _Again | None = AGAIN
+        while parts and budget > 0:
+            part = parts[0]
+            if part is None:
+                parts.popleft()
+                item = None
+                break
+            events, cursor = part
+            event = events[self._offset]
+            self._offset += 1
+            self._size -= 1
+            if self._offset == len(events):
+                parts.popleft()
+                self._offset = 0
+            if cursor is None or event.key <= cursor:
+                item = event
+                break
+            budget -= 1  # the list already showed this change
+        if not parts:
+            self._ready.clear()
+        return item
+
     def get_nowait(self) -> Event | None:
         """The next event (or None at the end); raises asyncio.QueueEmpty."""
-        if not self._parts:
-            raise asyncio.QueueEmpty
-        part = self._parts[0]
-        if part is None:
-            self._parts.popleft()
-            return None
-        event = part[self._offset]
-        self._offset += 1
-        self._size -= 1
-        if self._offset == len(part):
-            self._parts.popleft()
-            self._offset = 0
-        if not self._parts:
-            self._ready.clear()
-        return event
+        while self._parts:
+            item = self._take(_SKIP_BUDGET)
+            if item is not AGAIN:
+                return item
+        raise asyncio.QueueEmpty
 
     async def get(self) -> Event | None:
         """Wait for the next event (or None at the end)."""
-        while not self._parts:
-            await self._ready.wait()
-        return self.get_nowait()
+        while True:
+            while not self._parts:
+                await self._ready.wait()
+            item = self._take(_SKIP_BUDGET)
+            if item is not AGAIN:
+                return item
+            await asyncio.sleep(0)  # skipped a long run: let the loop breathe
 
     def clear(self) -> None:
         """Drop everything unread."""
@@ -102,7 +136,12 @@ class EventQueue:
 
 
 class Subscriber:
-    """One WatchFiles reader: its unread events; None in them means closed."""
+    """One WatchFiles reader: its unread events; None in them means closed.
+
+    `cursor` is where the reader's list stands while it is being sent: the key
+    of the last entry it read from the index (b"" before the first page), or
+    None when no list is being sent. Each publish is queued with it (O(1)).
+    """
 
     def __init__(self, maxsize: int) -> None:
         # Bounded by Store.publish, not here: one publish (a big batch or
@@ -112,6 +151,7 @@ class Subscriber:
         self.maxsize = maxsize
         self.reason: str | None = None
         self.slow = False
+        self.cursor: Key | None = None
 
     def close(self, reason: str, *, slow: bool = False) -> None:
         """End the reader: drop what it has not read and wake it with None."""
@@ -257,7 +297,11 @@ class Store:
 
     @property
     def reader_count(self) -> int:
-        """WatchFiles readers subscribed now."""
+        """WatchFiles readers now: every one subscribed and not yet unsubscribed.
+
+        A dropped reader counts until its call ends (its handler unsubscribes):
+        until then it holds a place under `max_readers` and its last message.
+        """
         return len(self._subscribers)
 
     def publish(self, events: Sequence[Event]) -> None:
@@ -266,14 +310,19 @@ class Store:
             return
         if self._history.maxlen:  # only what it keeps: the events of an AddedRun are made lazily
             self._history.extend(events[-self._history.maxlen :])
-        for sub in list(self._subscribers):
-            if sub.queue.qsize() >= sub.maxsize:  # `maxsize` events unread: too slow
-                self.metrics.readers_dropped.inc()
-                sub.close("reader too slow: its queue of events is full", slow=True)
-                self._subscribers.discard(sub)
+        for sub in self._subscribers:
+            if sub.reason is not None:  # dropped or closed: its call is ending
                 continue
-            sub.queue.put_many(events)
-        self.metrics.readers.set(len(self._subscribers))
+            if sub.queue.qsize() >= sub.maxsize:  # `maxsize` events unread: too slow
+                self.drop(sub, "reader too slow: its queue of events is full")
+                continue
+            sub.queue.put_many(events, sub.cursor)
+
+    def drop(self, sub: Subscriber, reason: str) -> None:
+        """End a reader that does not keep up (counted); it stays a reader until unsubscribed."""
+        if sub.reason is None:
+            self.metrics.readers_dropped.inc()
+            sub.close(reason, slow=True)
 
     def subscribe(self) -> Subscriber:
         """Register a reader; events published from now on reach its queue."""
@@ -309,8 +358,6 @@ class Store:
         self._history.clear()
 
     def close_readers(self, reason: str) -> None:
-        """End every reader (shutdown)."""
+        """End every reader (shutdown); each counts until its handler unsubscribes."""
         for sub in self._subscribers:
             sub.close(reason)
-        self._subscribers.clear()
-        self.metrics.readers.set(0)

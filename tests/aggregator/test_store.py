@@ -110,8 +110,12 @@ async def test_slow_reader_is_dropped_fast_reader_keeps_going() -> None:
     # Its unread events are dropped and the sentinel wakes it.
     assert await asyncio.wait_for(read(slow, 1), WAIT) == [None]
     assert slow.queue.empty()
-    assert store.reader_count == 1
+    # Dropped, it is still a reader (its call is still open) until it unsubscribes.
+    assert store.reader_count == 2
     assert sample(store, "filewatch_watch_readers_dropped_total") == 1
+    assert sample(store, "filewatch_watch_readers") == 2
+    store.unsubscribe(slow)
+    assert store.reader_count == 1
     assert sample(store, "filewatch_watch_readers") == 1
 
     # Nothing more reaches the dropped reader; the fast one is unaffected.
@@ -159,6 +163,11 @@ async def test_close_readers_wakes_everyone_without_marking_slow() -> None:
     for sub in subs:
         assert await asyncio.wait_for(read(sub, 1), WAIT) == [None]
         assert state(sub) == ("shutting down", False)
+    assert store.reader_count == 3  # until their calls end
+    add(store, "n", 2, b"c")
+    assert all(sub.queue.empty() for sub in subs)  # closed: fed nothing more
+    for sub in subs:
+        store.unsubscribe(sub)
     assert store.reader_count == 0
     assert sample(store, "filewatch_watch_readers") == 0
     assert sample(store, "filewatch_watch_readers_dropped_total") == 0
@@ -269,3 +278,48 @@ async def test_the_files_peak_remembers_a_watcher_that_came_and_went() -> None:
     assert len(store.index) == 2
     assert store.take_files_peak() == 502  # never sampled, still seen
     assert store.take_files_peak() == 2  # starts over from what is held now
+
+
+async def test_events_queued_during_the_list_skip_the_keys_it_had_not_read_yet() -> None:
+    """Each publish is queued with the list's cursor of that moment (SPEC 4.3).
+
+    Keys after that cursor were read by the list later, so the list shows them
+    already: their events are skipped. Keys up to it were listed before the
+    change: their events are delivered, in version order.
+    """
+    store = make_store()
+    snapshot(store, "n", [b"b", b"d", b"f"])
+    sub = store.subscribe()
+    sub.cursor = b""  # the list has read nothing yet
+    add(store, "n", 1, b"e")  # skipped: the list will read "e"
+    sub.cursor = b"d\x00n"  # the list has read up to "d"
+    first = add(store, "n", 2, b"a", b"c", b"g")  # a, c: behind the cursor; g: ahead
+    sub.cursor = None  # the list is over: everything is delivered
+    last = add(store, "n", 3, b"h")
+    assert sub.queue.qsize() == 5
+    got = await asyncio.wait_for(read(sub, 3), WAIT)
+    assert got == [first[0], first[1], last[0]]
+    assert sub.queue.empty()
+    assert sub.queue.qsize() == 0
+
+
+async def test_a_long_run_of_skipped_events_does_not_hold_the_loop() -> None:
+    """Skipping is done in steps: a big snapshot landing ahead of the cursor yields meanwhile."""
+    store = make_store(reader_queue=100_000)
+    sub = store.subscribe()
+    sub.cursor = b""
+    snapshot(store, "n", [b"f%06d" % i for i in range(25_000)])  # all ahead: skipped
+    sub.cursor = None
+    events = add(store, "n", 1, b"z")
+    steps = 0
+
+    async def count_steps() -> None:
+        nonlocal steps
+        while True:
+            steps += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_steps())
+    assert await asyncio.wait_for(read(sub, 1), WAIT) == list(events)
+    counter.cancel()
+    assert steps >= 2  # the loop ran other tasks while 25,000 events were skipped
