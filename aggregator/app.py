@@ -151,7 +151,8 @@ class Aggregator:
         )
         self._server = server
         pb_grpc.add_WatcherSyncServicer_to_server(self.sync, server)
-        pb_grpc.add_FileIndexServicer_to_server(FileIndexService(self.store), server)
+        readers = FileIndexService(self.store, write_timeout=cfg.reader_write_timeout)
+        pb_grpc.add_FileIndexServicer_to_server(readers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

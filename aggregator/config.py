@@ -60,6 +60,8 @@ class AggregatorConfig:
     """WatchFiles readers at once."""
     reader_queue: int = 10_000
     """Events buffered per WatchFiles reader before it is dropped as slow."""
+    reader_write_timeout: float = 5.0
+    """Seconds a WatchFiles message may wait to be sent before its reader is dropped as slow."""
     hello_timeout: float = 10.0
     """Seconds a new Sync stream has to say hello."""
     keepalive: float = 10.0
@@ -116,6 +118,8 @@ class AggregatorConfig:
         for name in ("max_watchers", "max_files_per_watcher", "max_message_bytes", "max_readers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not (math.isfinite(self.reader_write_timeout) and self.reader_write_timeout > 0):
+            raise ValueError("--reader-write-timeout must be a positive number")
         if self.reader_queue <= 0 or self.hello_timeout <= 0 or self.keepalive <= 0:
             raise ValueError("queue sizes and timeouts must be positive")
         if self.grace < 0:
@@ -173,6 +177,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--max-message-bytes", help="largest gRPC message accepted")
     opt("--max-readers", help="WatchFiles readers at once")
     opt("--reader-queue", help="events buffered per WatchFiles reader before it is dropped")
+    opt(
+        "--reader-write-timeout",
+        help="seconds a WatchFiles message may wait to be sent (the reader does not read) "
+        "before the reader is dropped with RESOURCE_EXHAUSTED",
+    )
     opt("--hello-timeout", help="seconds a Sync stream has to say hello")
     opt("--keepalive", help="seconds between gRPC keepalive pings")
     opt("--grace", help="seconds of graceful shutdown")

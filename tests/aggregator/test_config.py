@@ -55,6 +55,12 @@ def test_repeated_http_replaces_the_defaults(argv: list[str], http: tuple[str, .
             id="max-files-per-watcher",
         ),
         pytest.param({"FILEWATCH_READER_QUEUE": "5"}, "reader_queue", 5, id="reader-queue"),
+        pytest.param(
+            {"FILEWATCH_READER_WRITE_TIMEOUT": "2.5"},
+            "reader_write_timeout",
+            2.5,
+            id="reader-write-timeout",
+        ),
         pytest.param({"FILEWATCH_GRACE": "0"}, "grace", 0.0, id="grace-zero"),
         pytest.param(
             {"FILEWATCH_LEGACY_NETWORKS": "10.0.0.0/8, 127.0.0.1"},
@@ -127,6 +133,8 @@ def test_flags_leave_other_env_twins_in_force() -> None:
         pytest.param(["--max-readers", "0"], id="max-readers"),
         pytest.param(["--max-message-bytes", "0"], id="max-message-bytes"),
         pytest.param(["--reader-queue", "0"], id="reader-queue"),
+        pytest.param(["--reader-write-timeout", "0"], id="reader-write-timeout"),
+        pytest.param(["--reader-write-timeout", "inf"], id="reader-write-timeout-inf"),
         pytest.param(["--hello-timeout", "0"], id="hello-timeout"),
         pytest.param(["--keepalive", "-1"], id="keepalive"),
         pytest.param(["--grace", "-0.5"], id="grace"),

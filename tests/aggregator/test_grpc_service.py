@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -949,6 +950,103 @@ async def test_a_batch_larger_than_the_reader_queue_reaches_a_reader_that_keeps_
         assert sample(aggregator, "filewatch_watch_readers_dropped_total") == 0
         call.cancel()
         peer.call.cancel()
+
+
+async def every_entry(channel: Any) -> dict[tuple[bytes, str], tuple[int, int]]:
+    """What ListFiles lists, every page walked: (raw name, node) -> (size, mtime)."""
+    stub = filewatch_pb2_grpc.FileIndexStub(channel)
+    out: dict[tuple[bytes, str], tuple[int, int]] = {}
+    token = ""
+    while True:
+        request = pb.ListFilesRequest(page_size=10_000, page_token=token)
+        response = await asyncio.wait_for(stub.ListFiles(request), TIMEOUT)
+        out.update(((f.raw_name, f.node), (f.size, f.modified_unix_ns)) for f in response.files)
+        token = response.next_page_token
+        if not token:
+            return out
+
+
+async def test_a_slow_reader_of_a_changing_index_ends_with_exactly_the_index(
+    aggregator: Aggregator, channel: Any
+) -> None:
+    """The list is sent page by page from the live index while it changes (SPEC 4.3).
+
+    After each page it reads, the reader waits for a batch of adds, removes and
+    modifies all over the key space, so behind and ahead of the page being
+    sent. The list never shows an entry twice; the list then the events add up
+    to exactly what ListFiles lists. Changes ahead of the list's position are
+    shown by the list itself (the list is not a copy taken at the start), the
+    others come as events.
+    """
+    rng = random.Random(7)
+    space = 40_000
+    names = [b"k%05d" % i for i in range(0, space, 2)]  # 20,000, with gaps for adds
+    peer = Peer(channel, "node-a")
+    await peer.join(names, chunk=5000)
+    present = set(names)
+    version = aggregator.store.index.version
+    # No BDP probing: the reader's flow-control window stays at 64 KB, so the
+    # aggregator is only a page or so ahead of what the reader has read.
+    async with grpc.aio.insecure_channel(
+        f"{HOST}:{aggregator.grpc_port}", options=[("grpc.http2.bdp_probe", 0)]
+    ) as reader_channel:
+        call = filewatch_pb2_grpc.FileIndexStub(reader_channel).WatchFiles(pb.WatchFilesRequest())
+        view: dict[tuple[bytes, str], tuple[int, int]] = {}
+        chunks = sequence = 0
+        while True:
+            message = await read_stream(call)
+            assert message.WhichOneof("kind") == "list", message
+            assert message.list.version == version  # the version the list starts from
+            for f in message.list.files:
+                key = (f.raw_name, f.node)
+                assert key not in view, f"{key} listed twice"
+                view[key] = (f.size, f.modified_unix_ns)
+            chunks += 1
+            if message.list.done:
+                break
+            changes = []
+            for _ in range(20):
+                name = b"k%05d" % rng.randrange(space)
+                if name not in present:
+                    changes.append(add(name, size=rng.randrange(2, 10_000)))
+                    present.add(name)
+                elif rng.random() < 0.5:
+                    changes.append(remove(name))
+                    present.discard(name)
+                else:
+                    changes.append(modify(name, size=rng.randrange(2, 10_000)))
+            sequence += 1
+            await peer.batch(sequence, *changes)
+            assert (await peer.heartbeat(sequence)).ack.applied_sequence == sequence
+        assert chunks > 10, "the list came in too few pages to change under it"
+        during_list = aggregator.store.index.version - version
+        # A last add, after the list: every event before it has been sent when it comes.
+        await peer.batch(sequence + 1, add(b"zz-end"))
+        delivered = 0
+        last_version = version
+        while True:
+            message = await read_stream(call)
+            assert message.WhichOneof("kind") == "event", message
+            event = message.event
+            assert event.version > last_version
+            last_version = event.version
+            key = (event.entry.raw_name, event.entry.node)
+            if event.kind == pb.FileEvent.KIND_REMOVED:
+                assert key in view, f"removal of {key}, which the reader does not hold"
+                del view[key]
+            else:
+                assert (key in view) == (event.kind == pb.FileEvent.KIND_MODIFIED), event
+                view[key] = (event.entry.size, event.entry.modified_unix_ns)
+            if event.entry.raw_name == b"zz-end":
+                break
+            delivered += 1
+        assert view == await every_entry(channel)
+        assert 0 < delivered < during_list, (
+            f"{delivered} of the {during_list} changes made during the list came as events: "
+            "some should have been behind the list's position, some ahead of it"
+        )
+        call.cancel()
+    peer.call.cancel()
 
 
 # ---------------------------------------------------------------- health, reflection

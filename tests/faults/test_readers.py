@@ -6,10 +6,15 @@
   be buffered events. A reader that keeps up is not disturbed.
 - 200 readers stop reading, then one snapshot of 100,000 files is installed:
   compared with the same snapshot unwatched, they may cost no copy of it.
+- 50 readers ask for the list of 100,000 files and never read: each costs the
+  aggregator one page of it, not a copy; all are counted; they are dropped
+  once a message has waited the write timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +26,7 @@ import pytest
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
 from tests.faults.conftest import (
+    Aggregator,
     AggregatorFactory,
     RawSync,
     batch_msg,
@@ -29,6 +35,7 @@ from tests.faults.conftest import (
     heartbeat_msg,
     hello_msg,
     measured,
+    settled_rss,
 )
 from tests.support import wait_for
 
@@ -217,3 +224,102 @@ def test_many_stalled_readers_cost_no_memory_per_event_of_a_big_snapshot(
         reader.cancel()
     control.cancel()
     watched.cancel()
+
+
+IDLE_READERS = 50
+IDLE_FILES = 100_000
+WRITE_TIMEOUT = 8.0
+IDLE_READER_KIB = 1024
+"""Bound on the RSS one reader that never reads costs: its call, its queue and the one
+page of the list being written. Measured 270-300 KiB; when each reader copied the whole
+list first, 33 MiB here (33 GB at the default limit of 1,000 readers)."""
+
+
+def _files_median_ms(agg: Aggregator) -> float:
+    """Median time of 5 GET /files/, in ms (recorded, never asserted)."""
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        reply = agg.request("GET", "/files/")
+        times.append(time.perf_counter() - start)
+        assert reply.status == 200, reply
+    return statistics.median(times) * 1000
+
+
+@pytest.mark.timeout(90)
+def test_readers_that_never_read_cost_a_page_each_and_are_dropped_after_the_write_timeout(
+    start_aggregator: AggregatorFactory,
+) -> None:
+    agg = start_aggregator("--reader-write-timeout", str(WRITE_TIMEOUT), ttl=30.0)
+    # Readers without BDP probing: their flow-control windows stay at 64 KB, so
+    # one that does not read stalls after a page or so. (With probing, gRPC grows
+    # a window that keeps receiving to MBs: an idle client then takes in much of
+    # the list into its own memory before it stalls; the aggregator's part is
+    # the same.)
+    with (
+        grpc.insecure_channel(agg.grpc_target) as feed_channel,
+        grpc.insecure_channel(agg.grpc_target, options=[("grpc.http2.bdp_probe", 0)]) as idle,
+    ):
+        feeder = _snapshot(feed_channel, "big", IDLE_FILES)
+        before = asyncio.run(settled_rss(agg.proc))
+        files_ms = _files_median_ms(agg)
+        stub = pb_grpc.FileIndexStub(idle)
+        readers = [stub.WatchFiles(pb.WatchFilesRequest()) for _ in range(IDLE_READERS)]
+        wait_for(
+            lambda: agg.metric("filewatch_watch_readers"),
+            20,
+            until=lambda n: n == IDLE_READERS,
+            what=f"the gauge to count {IDLE_READERS} readers",
+        )
+        after = asyncio.run(settled_rss(agg.proc))
+        assert agg.metric("filewatch_watch_readers_dropped_total") == 0, "dropped before measured"
+        per_reader = measured(
+            f"RSS per reader that never reads ({IDLE_FILES:,}-file list)",
+            (after - before) / IDLE_READERS,
+            "KiB",
+        )
+        assert per_reader < IDLE_READER_KIB, (
+            f"each idle reader costs {per_reader:.0f} KiB: more than a page of the list"
+        )
+        assert agg.metric("filewatch_watch_readers") == IDLE_READERS
+        listed = agg.request("GET", "/files/")
+        assert listed.status == 200 and len(listed.json()["files"]) == IDLE_FILES
+        measured("GET /files/ median, no reader", files_ms, "ms")
+        measured(f"GET /files/ median, {IDLE_READERS} idle readers", _files_median_ms(agg), "ms")
+
+        # Changes flow; the readers' next messages wait, and past the write timeout
+        # each reader is dropped (far fewer events than its queue holds).
+        sequence = 0
+
+        def feed_and_count() -> float:
+            nonlocal sequence
+            sequence += 1
+            feeder.send(batch_msg(sequence, (pb.OP_ADD, b"churn-%06d" % sequence)))
+            return agg.metric("filewatch_watch_readers_dropped_total")
+
+        started = time.monotonic()
+        wait_for(
+            feed_and_count,
+            WRITE_TIMEOUT + 15,
+            until=lambda n: n == IDLE_READERS,
+            what="every idle reader to be dropped",
+            interval=0.05,
+        )
+        what = f"{IDLE_READERS} idle readers dropped (write timeout {WRITE_TIMEOUT:g} s)"
+        measured(what, time.monotonic() - started)
+        assert sequence < READER_QUEUE // 2  # so not for a full queue
+        # Still readers until their status reaches them, behind what they did not read.
+        assert agg.metric("filewatch_watch_readers") == IDLE_READERS
+        for reader in readers:
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in reader:
+                    pass
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+            assert "not reading" in (info.value.details() or ""), info.value.details()
+        wait_for(
+            lambda: agg.metric("filewatch_watch_readers"),
+            10,
+            until=lambda n: n == 0,
+            what="the dropped readers' calls to end",
+        )
+        feeder.cancel()
