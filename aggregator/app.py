@@ -19,7 +19,6 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.grpc.filters import method_name
 from opentelemetry.sdk.trace import TracerProvider
 
-from aggregator.allocator import mimalloc_active
 from aggregator.config import AggregatorConfig, parse_hostport
 from aggregator.grpc_service import FileIndexService, SyncService
 from aggregator.http_gateway import make_app
@@ -27,7 +26,6 @@ from aggregator.index import Index
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, ListFetcher
 from aggregator.liveness import Liveness
-from aggregator.memory import MemoryTrimmer
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
 from common.http_server import ConnectionLimit, LimitedSite, make_runner
@@ -218,18 +216,13 @@ class Aggregator:
             ],
             grpc=f"{grpc_host}:{self.grpc_port}",
             ttl=cfg.ttl,
-            allocator="mimalloc" if mimalloc_active() else "pymalloc",
         )
 
     async def _reap(self) -> None:
         """Remove the files of watchers whose TTL ran out; hand freed memory back."""
         period = min(1.0, self.config.ttl / 4)
-        trimmer = MemoryTrimmer(self.config.trim_after_files, self.store.forget_history)
-        await trimmer.start()
         while True:
             await asyncio.sleep(period)
-            if self.config.trim_after_files:
-                await trimmer.maybe_trim(len(self.store.index), self.store.take_files_peak())
             for node in self.liveness.expired(time.monotonic()):
                 removed = self.store.remove_watcher(node)
                 self.metrics.watchers_expired.inc()

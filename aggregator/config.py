@@ -9,7 +9,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from aggregator.allocator import ALLOCATORS
 from common.flags import (
     CREDENTIAL_FILE_HELP,
     CREDENTIAL_HELP,
@@ -91,12 +90,6 @@ class AggregatorConfig:
     request line and headers not all received yet (a response in progress is not cut)."""
     max_connections: int = 1024
     """HTTP connections open at once, all listeners together; one more is closed at once."""
-    allocator: str = "mimalloc"
-    """Memory allocator: mimalloc (gives a load's memory back) or pymalloc (CPython's own)."""
-    malloc_arenas: int = 2
-    """glibc malloc arenas at most (fewer threads' arenas: less memory held); 0: glibc's own."""
-    trim_after_files: int = 50_000
-    """Files the index must grow or shrink by before freed memory goes back to the OS; 0: never."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -138,17 +131,13 @@ class AggregatorConfig:
             raise ValueError("--legacy-hello-period must be a positive number")
         if self.http_idle_timeout <= 0 or self.max_connections <= 0:
             raise ValueError("--http-idle-timeout and --max-connections must be positive")
-        if self.trim_after_files < 0 or self.malloc_arenas < 0:
-            raise ValueError("--trim-after-files and --malloc-arenas must not be negative")
-        if self.allocator not in ALLOCATORS:
-            raise ValueError(f"--allocator must be one of {', '.join(ALLOCATORS)}")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The command line, with every flag's default taken from its env twin."""
     d = AggregatorConfig()
     p = argparse.ArgumentParser(
-        prog="python -m aggregator",
+        prog="filewatch-aggregator",
         description="filewatch aggregator: one sorted list of every file of every watcher.",
         allow_abbrev=False,
     )
@@ -210,17 +199,6 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--max-connections",
         help="HTTP connections open at once, all listeners together; beyond, a new one is "
         "closed at once (counted in filewatch_http_connections_refused_total)",
-    )
-    opt(
-        "--allocator",
-        help="memory allocator: mimalloc returns a load's memory to the OS, pymalloc is "
-        "CPython's own (used anyway where mimalloc is not installed)",
-        choices=ALLOCATORS,
-    )
-    opt("--malloc-arenas", help="glibc malloc arenas at most (0: glibc's default)")
-    opt(
-        "--trim-after-files",
-        help="files the index grows or shrinks by before memory goes back to the OS (0: never)",
     )
     return p
 

@@ -195,7 +195,6 @@ class Store:
         # node -> its (sequence_behind, last_seen) children: `labels()` costs more
         # than the `set()` itself, and every heartbeat sets both.
         self._position_gauges: dict[str, tuple[Gauge, Gauge]] = {}
-        self._files_peak = 0  # most files in the index since `take_files_peak`
 
     # ------------------------------------------------------------ writing
 
@@ -283,15 +282,8 @@ class Store:
         info = self.index.watcher(node)
         if info is not None:
             self.metrics.watcher_files.labels(node).set(info.file_count)
-        files = len(self.index)
-        self.metrics.files.set(files)
-        self._files_peak = max(self._files_peak, files)
+        self.metrics.files.set(len(self.index))
         self.publish(events)
-
-    def take_files_peak(self) -> int:
-        """The most files the index held since the last call; starts over from now."""
-        peak, self._files_peak = self._files_peak, len(self.index)
-        return max(peak, self._files_peak)
 
     # ------------------------------------------------------------ readers
 
@@ -346,16 +338,6 @@ class Store:
         if version > current or not self._history or self._history[0].version > version + 1:
             return None
         return tuple(ev for ev in self._history if ev.version > version)
-
-    def forget_history(self) -> None:
-        """Drop the kept events: a reader resuming from before now gets the list instead.
-
-        Called before memory is handed back after a mass removal. Kept events
-        share keys and metas with the index; the last ones would pin objects
-        scattered over the whole heap and keep most of CPython's arenas from
-        being returned (copies do not help: they land in those same arenas).
-        """
-        self._history.clear()
 
     def close_readers(self, reason: str) -> None:
         """End every reader (shutdown); each counts until its handler unsubscribes."""

@@ -115,7 +115,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The command line: `-dir=PATH -p=PORT -aggregator=URL` as the Go watcher, and long forms."""
     d = WatcherConfig()
     p = argparse.ArgumentParser(
-        prog="python -m watcher",
+        prog="filewatch-watcher",
         description="filewatch watcher: watches one folder and reports it to the aggregator.",
         allow_abbrev=False,
     )

@@ -160,7 +160,6 @@ def test_invalid_values_raise_value_error(argv: list[str]) -> None:
         pytest.param(["--no-such-flag"], id="unknown-flag"),
         pytest.param(["--tt", "5"], id="no-abbreviations"),
         pytest.param(["extra"], id="positional"),
-        pytest.param(["--allocator", "jemalloc"], id="allocator-unknown"),
     ],
 )
 def test_unparsable_command_lines_exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,7 +177,6 @@ def test_unparsable_command_lines_exit(argv: list[str], capsys: pytest.CaptureFi
         pytest.param({"FILEWATCH_MAX_READERS": "1.5"}, "FILEWATCH_MAX_READERS", id="int-float"),
         pytest.param({"FILEWATCH_HTTP": " , "}, "http", id="http-empty-list"),
         pytest.param({"FILEWATCH_HTTP": "127.0.0.1"}, "HOST:PORT", id="http-no-port"),
-        pytest.param({"FILEWATCH_ALLOCATOR": "tcmalloc"}, "--allocator", id="allocator"),
     ],
 )
 def test_invalid_env_values_raise_value_error(env: dict[str, str], message: str) -> None:

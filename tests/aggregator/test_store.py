@@ -256,30 +256,6 @@ async def test_a_bulk_snapshot_reaches_readers_history_and_counters_whole() -> N
     assert store.history_since(version - 101) is None  # beyond what history keeps
 
 
-async def test_forgotten_history_sends_resuming_readers_to_the_list() -> None:
-    store = make_store()
-    snapshot(store, "n", [b"a", b"b"])
-    version = store.index.version
-    add(store, "n", 1, b"c")
-    assert [ev.entry.raw_name for ev in store.history_since(version) or ()] == [b"c"]
-    store.forget_history()
-    assert store.history_since(version) is None
-    assert store.history_since(store.index.version) == ()
-    add(store, "n", 2, b"d")  # kept again from here on
-    assert [ev.entry.raw_name for ev in store.history_since(version + 1) or ()] == [b"d"]
-
-
-async def test_the_files_peak_remembers_a_watcher_that_came_and_went() -> None:
-    store = make_store()
-    assert store.take_files_peak() == 0
-    snapshot(store, "big", [b"f%d" % i for i in range(500)])
-    snapshot(store, "small", [b"a", b"b"])
-    store.remove_watcher("big")
-    assert len(store.index) == 2
-    assert store.take_files_peak() == 502  # never sampled, still seen
-    assert store.take_files_peak() == 2  # starts over from what is held now
-
-
 async def test_events_queued_during_the_list_skip_the_keys_it_had_not_read_yet() -> None:
     """Each publish is queued with the list's cursor of that moment (SPEC 4.3).
 

@@ -67,8 +67,8 @@ MEASURED: list[tuple[str, float, str]] = []
 async def settled_rss(proc: Proc) -> int:
     """A process's RSS (KiB) once it has not moved by 1 MiB for 2 s (polled, up to 20 s).
 
-    The aggregator's freed pages go back a beat after they empty (mimalloc's
-    purge delay, then its next once-a-second collect), not at the instant of the free.
+    Freed memory reaches the RSS figure a beat after the frees (the last
+    connections close, the collector runs), not at the instant of the last one.
     """
     samples: list[int] = []
     deadline = time.monotonic() + 20
