@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from aggregator.liveness import Liveness
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
 from common.http_server import ConnectionLimit, LimitedSite, make_runner
+from common.tasks import Supervisor
 from common.tracing import tracer_provider_from_env
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
@@ -105,14 +105,14 @@ class Aggregator:
         )
         self._session: aiohttp.ClientSession | None = None
         self.legacy: LegacyIngest | None = None
-        self._legacy_ticker: asyncio.Task[None] | None = None
         self.http_ports: list[int] = []
         self.grpc_port = 0
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._http_limit: ConnectionLimit | None = None
-        self._reaper: asyncio.Task[None] | None = None
+        # The parent of every background task: the reaper, the legacy ticker, fetches.
+        self._tasks = Supervisor()
         self._started = False
         self._stopped = False
 
@@ -174,15 +174,15 @@ class Aggregator:
             self.store,
             self.liveness,
             fetcher,
+            self._tasks,
             max_watchers=cfg.max_watchers,
             gap_wait=cfg.gap_wait,
             max_seqno_ahead=cfg.max_seqno_ahead,
             hello_period=cfg.legacy_hello_period,
             missed_hellos=cfg.legacy_missed_hellos,
         )
-        self._legacy_ticker = asyncio.create_task(
-            self.legacy.run(min(0.1, cfg.gap_wait / 2)), name="legacy-ticker"
-        )
+        legacy, tick = self.legacy, min(0.1, cfg.gap_wait / 2)
+        self._tasks.keep("legacy-ticker", lambda: legacy.run(tick))
         guard = LegacyGuard(cfg.token, cfg.legacy_networks)
         app = make_app(
             self.store,
@@ -205,7 +205,7 @@ class Aggregator:
                 reason = os.strerror(err.errno) if err.errno else str(err)
                 raise StartupError(f"cannot listen on {address} (HTTP): {reason}") from err
             self.http_ports.append(self._runner.addresses[-1][1])
-        self._reaper = asyncio.create_task(self._reap(), name="ttl-reaper")
+        self._tasks.keep("ttl-reaper", self._reap)
         grpc_host = parse_hostport(cfg.grpc)[0]
         self._started = True
         log.info(
@@ -219,7 +219,7 @@ class Aggregator:
         )
 
     async def _reap(self) -> None:
-        """Remove the files of watchers whose TTL ran out; hand freed memory back."""
+        """Remove the files of watchers whose TTL ran out."""
         period = min(1.0, self.config.ttl / 4)
         while True:
             await asyncio.sleep(period)
@@ -238,28 +238,44 @@ class Aggregator:
         self._stopped = True
         if self._started:  # a start that failed is reported by its error alone
             log.info("aggregator_stopping", grace=self.config.grace)
-        await self._health.enter_graceful_shutdown()
+        # Every step runs, whatever the one before it raised.
+        for step in (
+            self._health.enter_graceful_shutdown,
+            self._end_streams,
+            self._tasks.close,
+            self._stop_grpc,
+            self._stop_http,
+            self._close_session,
+            self._flush_traces,
+        ):
+            try:
+                await step()
+            except Exception:
+                log.exception("stop_step_failed", step=step.__name__)
+        if self._started:
+            log.info("aggregator_stopped")
+
+    async def _end_streams(self) -> None:
         self.sync.shutdown()
         self.store.close_readers("aggregator shutting down")
-        for task in (self._reaper, self._legacy_ticker):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self.legacy is not None:
-            await self.legacy.close()
+
+    async def _stop_grpc(self) -> None:
         if self._server is not None:
             await self._server.stop(self.config.grace)
+
+    async def _stop_http(self) -> None:
         if self._runner is not None:
             await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.grace + 1)
         if self._http_limit is not None:
             self._http_limit.close()
+
+    async def _close_session(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    async def _flush_traces(self) -> None:
         if self.tracer_provider is not None:
             await asyncio.to_thread(self.tracer_provider.shutdown)  # flushes pending spans
-        if self._started:
-            log.info("aggregator_stopped")
 
 
 async def run(config: AggregatorConfig) -> None:

@@ -13,7 +13,6 @@ handler races with its file events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from aggregator.index import NO_META, BatchStatus, Op
 from aggregator.liveness import Liveness
 from aggregator.names import invalid_name_reason
 from aggregator.store import Store
+from common.tasks import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +128,7 @@ class LegacyIngest:
 
     Args:
         fetcher: gets a watcher's list; injected so that transport stays out.
+        tasks: the owner of the fetches (run off the request path).
         gap_wait: seconds to wait for a missing seqno before refetching; after a
             refetch that leaves the gap open, twice as long each time (at most
             `_MAX_GAP_BACKOFF` times as long).
@@ -145,6 +146,7 @@ class LegacyIngest:
         store: Store,
         liveness: Liveness,
         fetcher: Fetcher,
+        tasks: Supervisor,
         *,
         max_watchers: int = 10_000,
         gap_wait: float = 1.0,
@@ -172,7 +174,7 @@ class LegacyIngest:
         self._by_node: dict[str, str] = {}
         self._held: dict[str, _Held] = {}
         self._gone: dict[str, _Gone] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = tasks  # the owner of our fetches
 
     # ------------------------------------------------------------ requests
 
@@ -337,11 +339,7 @@ class LegacyIngest:
         rec.needs_fetch = False
         if reason == "ambiguous_remove" or rec.verify_since is not None:
             rec.verify_since = None  # this fetch answers it
-        task = asyncio.get_running_loop().create_task(
-            self._fetch(rec, reason), name=f"fetch {rec.node}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(f"fetch {rec.node}", self._fetch(rec, reason))
 
     async def _fetch(self, rec: _Instance, reason: str) -> None:
         started = time.perf_counter()
@@ -489,12 +487,3 @@ class LegacyIngest:
         while True:
             await asyncio.sleep(period)
             self.tick()
-
-    async def close(self) -> None:
-        """Cancel fetches in flight and wait for them."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -18,6 +18,7 @@ from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry, Gauge
 
 from common.http_server import make_runner
+from common.tasks import Supervisor
 from common.tracing import tracer_provider_from_env
 from watcher.client import Identity, SyncClient
 from watcher.config import WatcherConfig
@@ -28,6 +29,9 @@ from watcher.state import FolderState
 from watcher.telemetry import WatcherMetrics
 
 log = structlog.get_logger(__name__)
+
+STOP_WAIT = 5.0
+"""Seconds the loops have to end by themselves at a stop (a goodbye takes at most 2)."""
 
 
 class WatcherError(Exception):
@@ -264,11 +268,17 @@ class Watcher:
                 aggregator=cfg.aggregator,
                 instance=self.instance,
             )
-            self._client = self._make_client(identity)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._client.run(stop), name="aggregator-client")
-                tg.create_task(self._rescan_loop(stop), name="rescan")
-                tg.create_task(self._supervise(stop), name="folder-supervisor")
+            client = self._client = self._make_client(identity)
+            # Each loop ends by itself once `stop` is set (the client says goodbye
+            # first); one that raises is logged and started again, not lost.
+            tasks = Supervisor()
+            tasks.keep("aggregator-client", lambda: client.run(stop))
+            tasks.keep("rescan", lambda: self._rescan_loop(stop))
+            tasks.keep("folder-supervisor", lambda: self._supervise(stop))
+            try:
+                await stop.wait()
+            finally:
+                await tasks.close(wait=STOP_WAIT)
         finally:
             await observer.stop()
             await runner.cleanup()
