@@ -5,66 +5,31 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 
 import aiohttp
-import grpc
 import structlog
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import method_name
 from opentelemetry.sdk.trace import TracerProvider
 
 from aggregator.config import AggregatorConfig, parse_hostport
-from aggregator.grpc_service import FileIndexService, SyncService
+from aggregator.errors import StartupError
+from aggregator.grpc_server import GrpcServer
 from aggregator.http_gateway import make_app
 from aggregator.index import Index
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, ListFetcher
 from aggregator.liveness import Liveness
+from aggregator.sessions import Sessions
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
 from common.http_server import ConnectionLimit, LimitedSite, make_runner
 from common.tasks import Supervisor
 from common.tracing import tracer_provider_from_env
-from gen import filewatch_pb2 as pb
-from gen import filewatch_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["WatcherSync"].full_name,
-    pb.DESCRIPTOR.services_by_name["FileIndex"].full_name,
-)
-
-
-class StartupError(Exception):
-    """The aggregator cannot start: a listen address is taken or cannot be had."""
-
-
-def check_free(address: str) -> None:
-    """Raise StartupError if HOST:PORT cannot be bound now (a clear reason before gRPC's own).
-
-    gRPC reports a taken port only as "Failed to bind", after logging its own
-    error line; this says why, in one line, and first.
-    """
-    host, port = parse_hostport(address)
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise StartupError(f"cannot listen on {address}: {err.strerror}") from err
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(sockaddr)
-        except OSError as err:
-            raise StartupError(f"cannot listen on {address} (gRPC): {err.strerror}") from err
+__all__ = ["Aggregator", "StartupError", "run"]
 
 
 class Aggregator:
@@ -96,19 +61,12 @@ class Aggregator:
             tracer=self.tracer,
         )
         self.liveness = Liveness(config.ttl)
-        self.sync = SyncService(
-            self.store,
-            self.liveness,
-            token=config.token,
-            max_watchers=config.max_watchers,
-            hello_timeout=config.hello_timeout,
-        )
+        self.sync = Sessions(self.store, self.liveness, max_watchers=config.max_watchers)
+        self._grpc = GrpcServer(config, self.sync, self.store, tracer_provider)
         self._session: aiohttp.ClientSession | None = None
         self.legacy: LegacyIngest | None = None
         self.http_ports: list[int] = []
         self.grpc_port = 0
-        self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._http_limit: ConnectionLimit | None = None
         # The parent of every background task: the reaper, the legacy ticker, fetches.
@@ -119,50 +77,7 @@ class Aggregator:
     async def start(self) -> None:
         """Bind and serve; returns once every listener is up."""
         cfg = self.config
-        keepalive_ms = int(cfg.keepalive * 1000)
-        interceptors = []
-        if self.tracer_provider is not None:
-            # Unary calls only: no span may last a whole Sync or WatchFiles stream.
-            interceptors.append(
-                aio_server_interceptor(  # type: ignore[no-untyped-call]
-                    self.tracer_provider, filter_=method_name("ListFiles")
-                )
-            )
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                # A second aggregator on the same port must fail, not share it.
-                ("grpc.so_reuseport", 0),
-                ("grpc.keepalive_time_ms", keepalive_ms),
-                ("grpc.keepalive_timeout_ms", keepalive_ms),
-                # A keepalive ping that finds another ping in flight waits for that
-                # one, whose timeout is this (default 60 s): half-open links would
-                # go unnoticed for a minute.
-                ("grpc.http2.ping_timeout_ms", keepalive_ms),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-                # Watchers ping every --keepalive seconds; allow down to 1 s.
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-            ],
-        )
-        self._server = server
-        pb_grpc.add_WatcherSyncServicer_to_server(self.sync, server)
-        readers = FileIndexService(self.store, write_timeout=cfg.reader_write_timeout)
-        pb_grpc.add_FileIndexServicer_to_server(readers, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        check_free(cfg.grpc)
-        try:
-            self.grpc_port = server.add_insecure_port(cfg.grpc)
-        except RuntimeError as err:  # grpc says only "Failed to bind"
-            raise StartupError(f"cannot listen on {cfg.grpc} (gRPC): {err}") from err
-        await server.start()
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.grpc_port = await self._grpc.start()
 
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, force_close=True), auto_decompress=True
@@ -240,7 +155,7 @@ class Aggregator:
             log.info("aggregator_stopping", grace=self.config.grace)
         # Every step runs, whatever the one before it raised.
         for step in (
-            self._health.enter_graceful_shutdown,
+            self._grpc.enter_graceful_shutdown,
             self._end_streams,
             self._tasks.close,
             self._stop_grpc,
@@ -260,8 +175,8 @@ class Aggregator:
         self.store.close_readers("aggregator shutting down")
 
     async def _stop_grpc(self) -> None:
-        if self._server is not None:
-            await self._server.stop(self.config.grace)
+        if self._started or self.grpc_port:
+            await self._grpc.stop()
 
     async def _stop_http(self) -> None:
         if self._runner is not None:

@@ -25,3 +25,26 @@ class UnauthenticatedError(AggregatorError):
 
 class ConflictError(AggregatorError):
     """A watcher name is held by another live watcher: nobody overwrites another's files."""
+
+
+class StreamEndedError(AggregatorError):
+    """A session was ended from the aggregator's side; the watcher reconnects."""
+
+
+class SupersededError(StreamEndedError):
+    """The same watcher process opened a newer stream: this one is dead."""
+
+
+class ExpiredError(StreamEndedError):
+    """The watcher was silent for the TTL: its files were removed."""
+
+
+class ShuttingDownError(StreamEndedError):
+    """The aggregator is stopping."""
+
+
+class StartupError(Exception):
+    """The aggregator cannot start: a listen address is taken or cannot be had.
+
+    Not a domain error: it never reaches a peer; the process prints it and exits.
+    """

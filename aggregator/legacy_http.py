@@ -9,7 +9,6 @@ anywhere a body names.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
+from aggregator.auth import check_bearer
 from aggregator.errors import InvalidInputError, UnauthenticatedError
 from aggregator.index import Op
 from aggregator.legacy import LegacyIngest, LegacyList, LegacyOp, decode_filename
@@ -196,11 +196,8 @@ class LegacyGuard:
         """Raise UnauthenticatedError unless the request may ingest."""
         auth = request.headers.get("Authorization")
         if auth is not None and self._token:
-            scheme, _, credentials = auth.partition(" ")
-            presented = credentials.strip() if scheme.lower() == "bearer" else ""
-            if hmac.compare_digest(presented.encode(), self._token.encode()):
-                return
-            raise UnauthenticatedError("wrong token")
+            check_bearer(self._token, auth)  # the same check as the gRPC side's
+            return
         try:
             peer = ipaddress.ip_address((request.remote or "").split("%")[0])
         except ValueError as exc:

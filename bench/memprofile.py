@@ -48,7 +48,7 @@ def _top(
 
 def profile(files: int) -> dict[str, Any]:
     """Bytes per file by allocation site: index + store, then the cached bodies."""
-    from aggregator.grpc_service import files_from_pb  # noqa: PLC0415 (after the path fix)
+    from aggregator.grpc_sync import files_from_pb  # noqa: PLC0415 (after the path fix)
     from aggregator.http_gateway import FilesBodies  # noqa: PLC0415
     from aggregator.index import Index  # noqa: PLC0415
     from aggregator.store import Store  # noqa: PLC0415

@@ -1,0 +1,290 @@
+"""gRPC adapter of the read API: `filewatch.v1.FileIndex` (ListFiles, WatchFiles).
+
+ListFiles pages the sorted index with opaque tokens. WatchFiles sends the list
+page by page from the live index, then every change, from the store's events
+(the same ones `/files/events` serves); domain errors become statuses through
+`grpc_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+
+import grpc
+import orjson
+import structlog
+
+from aggregator.errors import InvalidInputError, LimitExceededError, ShuttingDownError
+from aggregator.grpc_status import abort, status_of
+from aggregator.index import Entry, Event, EventKind, make_key, node_suffix
+from aggregator.names import rfc3339
+from aggregator.store import Store, Subscriber
+from gen import filewatch_pb2 as pb
+from gen import filewatch_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+_KINDS = {
+    EventKind.ADDED: pb.FileEvent.KIND_ADDED,
+    EventKind.REMOVED: pb.FileEvent.KIND_REMOVED,
+    EventKind.MODIFIED: pb.FileEvent.KIND_MODIFIED,
+}
+
+
+def entry_to_pb(entry: Entry) -> pb.FileEntry:
+    """A core entry as a proto FileEntry."""
+    return pb.FileEntry(
+        # A proto string must be valid UTF-8: undecodable bytes become U+FFFD
+        # here; raw_name carries the exact bytes.
+        filename=entry.raw_name.decode("utf-8", "replace"),
+        raw_name=entry.raw_name,
+        node=entry.node,
+        # Unknown (a legacy watcher's file): size and time 0, and `modified` empty.
+        size=entry.size or 0,
+        modified_unix_ns=entry.mtime_ns or 0,
+        modified="" if entry.mtime_ns is None else rfc3339(entry.mtime_ns),
+    )
+
+
+def encode_page_token(entry: Entry) -> str:
+    """An opaque token naming the last entry of a page."""
+    return base64.urlsafe_b64encode(orjson.dumps([entry.raw_name.hex(), entry.node])).decode()
+
+
+def decode_page_token(token: str) -> tuple[bytes, str]:
+    """The (raw name, node) a page token names."""
+    try:
+        raw_hex, node = orjson.loads(base64.urlsafe_b64decode(token.encode()))
+        return bytes.fromhex(raw_hex), str(node)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
+        raise InvalidInputError("malformed page_token") from exc
+
+
+class FileIndexService(pb_grpc.FileIndexServicer):
+    """The read side: ListFiles (paged) and WatchFiles (list, then changes).
+
+    A WatchFiles reader costs its queue (references to shared event tuples, at
+    most `reader_queue` events unread) and the one message being written (a
+    list page: at most `default_page` entries and about `list_page_bytes` of
+    names), not a copy of the index: measured, ~0.3 MiB per reader that does
+    not read (tests/faults/test_readers.py). A reader whose message waits
+    `write_timeout` seconds to be sent, or whose queue fills up, is dropped
+    with RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        default_page: int = 1000,
+        max_page: int = 10_000,
+        write_timeout: float = 5.0,
+        list_page_bytes: int = 64 * 1024,
+        list_pages_per_turn: int = 1,
+    ) -> None:
+        self._store = store
+        self._default_page = default_page
+        self._max_page = max_page
+        self._write_timeout = write_timeout
+        self._list_page_bytes = list_page_bytes
+        self._list_turns = _Turnstile(list_pages_per_turn)
+
+    async def ListFiles(
+        self,
+        request: pb.ListFilesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ListFilesResponse:
+        size = min(request.page_size or self._default_page, self._max_page)
+        after = None
+        if request.page_token:
+            try:
+                after = decode_page_token(request.page_token)
+            except InvalidInputError as err:
+                self._store.metrics.grpc_requests.labels("ListFiles", "INVALID_ARGUMENT").inc()
+                await abort(context, err)
+        index = self._store.index
+        page = index.page_after(after, size)
+        next_token = ""
+        if page and index.has_after(page[-1]):
+            next_token = encode_page_token(page[-1])
+        self._store.metrics.grpc_requests.labels("ListFiles", "OK").inc()
+        return pb.ListFilesResponse(
+            files=[entry_to_pb(e) for e in page],
+            version=index.version,
+            count=len(index),
+            next_page_token=next_token,
+        )
+
+    async def WatchFiles(  # type: ignore[override]
+        self,
+        request: pb.WatchFilesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        store = self._store
+        try:
+            sub = store.subscribe()
+        except LimitExceededError as err:
+            store.metrics.grpc_requests.labels("WatchFiles", "RESOURCE_EXHAUSTED").inc()
+            await abort(context, err)
+        code = grpc.StatusCode.OK
+        try:
+            await self._watch(request, context, sub)
+            reason = sub.reason or "stream closed"
+            ended = LimitExceededError(reason) if sub.slow else ShuttingDownError(reason)
+            code = status_of(ended)
+            if sub.slow:
+                log.warning("watch_reader_dropped", peer=context.peer(), reason=sub.reason)
+            # Delivered after what the reader has not read yet: until it reads
+            # (or its connection goes), the call, its place among the readers
+            # and its last message stay, and nothing else.
+            await abort(context, ended)
+        finally:
+            store.unsubscribe(sub)
+            store.metrics.grpc_requests.labels("WatchFiles", code.name).inc()
+
+    async def _watch(
+        self, request: pb.WatchFilesRequest, context: grpc.aio.ServicerContext, sub: Subscriber
+    ) -> None:
+        """The list (or the missed events), then every event; returns once `sub` is closed."""
+        store = self._store
+        backlog = store.history_since(request.resume_version) if request.resume_version else None
+        if backlog is None:
+            if not await self._send_list(context, sub):
+                return
+        else:
+            for event in backlog:
+                if not await self._send(context, sub, _event_to_pb(event)):
+                    return
+            del backlog
+        while True:
+            item = await sub.queue.get()
+            if item is None or not await self._send(context, sub, _event_to_pb(item)):
+                return
+
+    async def _send_list(self, context: grpc.aio.ServicerContext, sub: Subscriber) -> bool:
+        """Send the list page by page from the live index; False if `sub` was closed meanwhile.
+
+        Each page is read in one step of the loop, and the reader's cursor moves
+        to its last key in that same step; events published meanwhile are queued
+        with the cursor of their moment, and those on keys after it are skipped
+        when read (the list read them later). So the list and the events that
+        follow it add up to the index exactly, and a reader holds one page at a
+        time, never a copy of the index.
+        """
+        index = self._store.index
+        version = index.version  # the list starts from this version
+        sub.cursor = b""  # before every key
+        after: tuple[bytes, str] | None = None
+        limit = self._default_page  # entries read per page: what fits the bytes, learnt
+        while True:
+            await self._list_turns.enter()
+            read = index.page_after(after, limit)
+            page = _cut(read, self._list_page_bytes)
+            if len(page) < len(read):
+                limit = len(page) + 1
+            elif len(read) == limit:
+                limit = min(2 * limit, self._default_page)
+            del read
+            done = not page or not index.has_after(page[-1])
+            if done:
+                sub.cursor = None  # from now on every event is delivered
+            else:
+                last = page[-1]
+                after = (last.raw_name, last.node)
+                sub.cursor = make_key(last.raw_name, node_suffix(last.node))
+            message = pb.WatchFilesResponse(
+                list=pb.ListChunk(files=[entry_to_pb(e) for e in page], version=version, done=done)
+            )
+            del page
+            if not await self._send(context, sub, message):
+                return False
+            if done:
+                return True
+
+    async def _send(
+        self, context: grpc.aio.ServicerContext, sub: Subscriber, message: pb.WatchFilesResponse
+    ) -> bool:
+        """Write one message; False if the reader is closed or did not take it in time (dropped).
+
+        A write waits while the reader's flow-control window is full: one that
+        waits `write_timeout` seconds means a reader that does not read.
+        """
+        if sub.reason is not None:
+            return False
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await context.write(message)
+        except TimeoutError:
+            self._store.drop(
+                sub,
+                f"reader too slow: not reading, its next message waited {self._write_timeout:g} s "
+                "to be sent (--reader-write-timeout)",
+            )
+        return sub.reason is None
+
+
+class _Turnstile:
+    """Lets at most `per_turn` callers through per turn of the event loop, first come first served.
+
+    Many readers streaming lists at once would otherwise each run a page (a few
+    ms) in every turn of the loop, and everything else (GET /files/, batches,
+    new calls) would wait for all of them in turn.
+    """
+
+    def __init__(self, per_turn: int) -> None:
+        self._per_turn = per_turn
+        self._left = per_turn
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._scheduled = False
+
+    async def enter(self) -> None:
+        """Return once it is the caller's turn."""
+        if self._left > 0 and not self._waiters:
+            self._left -= 1
+            self._schedule()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._schedule()
+        await waiter
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        """A new turn of the loop: `per_turn` more may pass, the longest waiting first."""
+        self._scheduled = False
+        self._left = self._per_turn
+        while self._left and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                waiter.set_result(None)
+                self._left -= 1
+        if self._waiters or self._left < self._per_turn:
+            self._schedule()
+
+
+_ENTRY_OVERHEAD = 64  # bytes of a FileEntry beyond its names: numbers, `modified`, framing
+
+
+def _cut(page: tuple[Entry, ...], budget: int) -> tuple[Entry, ...]:
+    """The first entries of `page` whose encoding takes about `budget` bytes (at least one)."""
+    size = 0
+    for n, entry in enumerate(page):
+        size += 2 * len(entry.raw_name) + len(entry.node) + _ENTRY_OVERHEAD
+        if size > budget and n:
+            return page[:n]
+    return page
+
+
+def _event_to_pb(event: Event) -> pb.WatchFilesResponse:
+    return pb.WatchFilesResponse(
+        event=pb.FileEvent(
+            kind=_KINDS[event.kind], entry=entry_to_pb(event.entry), version=event.version
+        )
+    )
