@@ -213,7 +213,6 @@ async def _round(agg: Aggregator, label: str, churn_seconds: float, seed: int) -
         )
 
         left = time.monotonic()
-        trims = len(agg.proc.events("memory_trimmed"))
         await asyncio.gather(*(w.goodbye() for w in watchers))
         await wait_for_async(
             lambda: _get(agg.http_port, "/healthz"),
@@ -222,13 +221,6 @@ async def _round(agg: Aggregator, label: str, churn_seconds: float, seed: int) -
             what="every watcher gone",
         )
         measured(f"load {label}: all said goodbye -> index empty", time.monotonic() - left)
-        # The aggregator hands memory back in its next trim once the index has shrunk.
-        await wait_for_async(
-            lambda: asyncio.to_thread(agg.proc.events, "memory_trimmed"),
-            30,
-            until=lambda found: any(t["files_change"] < 0 for t in found[trims:]),
-            what="a memory trim after the index emptied",
-        )
     finally:
         for task in readers:
             task.cancel()
