@@ -66,11 +66,11 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]' || echo "bench extra not installed: no lag.png, no profiles"
 	touch $(BENCH_STAMP)
 
-# Every scenario of SPEC 9 (several minutes); QUICK=1 is the one-minute smoke run.
+# Every benchmark scenario (several minutes); QUICK=1 is the one-minute smoke run.
 bench: $(BENCH_STAMP) ## the benchmarks and their tables (QUICK=1: a one-minute run)
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 
-# The full load of issue 5: 200 watchers x 1,000 files, 60 s of churn, twice (~3 min).
+# The full load test: 200 watchers x 1,000 files, 60 s of churn, three rounds (~5 min).
 soak: $(STAMP) ## the full load test: memory level across repeated rounds
 	FILEWATCH_SOAK=1 $(PY) -m pytest -p no:cacheprovider -s tests/faults/test_load.py
 

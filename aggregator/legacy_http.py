@@ -1,6 +1,6 @@
 """HTTP adapter of the legacy protocol: `POST /hello`, `POST /bye`, `PATCH /files`.
 
-Parses and validates the Go watcher's JSON byte for byte (SPEC 5), answers
+Parses and validates the Go watcher's JSON byte for byte, answers
 every well-formed request with exactly 200 and a small JSON body, and fetches
 watcher lists with a timeout from the address a hello came from, never from
 anywhere a body names.

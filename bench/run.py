@@ -1,4 +1,4 @@
-"""filewatch benchmarks (SPEC section 9): every scenario, real processes, figures from one run.
+"""filewatch benchmarks: every scenario, real processes, figures from one run.
 
     python bench/run.py                  # every scenario, full sizes (several minutes)
     python bench/run.py --quick          # tiny sizes, a smoke run (under a minute)

@@ -1,4 +1,4 @@
-"""The aggregator's command line and environment (SPEC 3)."""
+"""The aggregator's command line and environment."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_defaults_match_the_spec() -> None:
     assert cfg.grpc == "127.0.0.1:50051"
     assert cfg.ttl == 15.0
     assert cfg.token == ""
-    assert cfg.legacy_networks == ("127.0.0.0/8", "::1/128")  # SPEC 10: loopback by default
+    assert cfg.legacy_networks == ("127.0.0.0/8", "::1/128")  # loopback by default
     assert cfg == AggregatorConfig()
 
 

@@ -1,4 +1,4 @@
-"""The aggregator's HTTP read side over real sockets (SPEC 4.1, 8).
+"""The aggregator's HTTP read side over real sockets.
 
 The production `make_app` is served by an aiohttp AppRunner on 127.0.0.1
 port 0 and read with a real aiohttp client; data goes in through the same

@@ -1,4 +1,4 @@
-"""Unit tests of the protocol-neutral index core (SPEC 4.1, 6, 7)."""
+"""Unit tests of the protocol-neutral index core."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `FileIndex` read service over real sockets (SPEC 4.3, 7).
+"""The `FileIndex` read service over real sockets.
 
 `ListFiles` pages and their tokens; `WatchFiles`: the list page by page, then
 each change, resuming from a version, and readers too slow to keep up.
@@ -245,7 +245,7 @@ async def every_entry(channel: Any) -> dict[tuple[bytes, str], tuple[int, int]]:
 async def test_a_slow_reader_of_a_changing_index_ends_with_exactly_the_index(
     aggregator: Aggregator, channel: Any
 ) -> None:
-    """The list is sent page by page from the live index while it changes (SPEC 4.3).
+    """The list is sent page by page from the live index while it changes.
 
     After each page it reads, the reader waits for a batch of adds, removes and
     modifies all over the key space, so behind and ahead of the page being

@@ -1,4 +1,4 @@
-"""Unit tests of the Store: publishing to WatchFiles readers, history, limits (SPEC 4.2)."""
+"""Unit tests of the Store: publishing to WatchFiles readers, history, limits."""
 
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ async def test_a_bulk_snapshot_reaches_readers_history_and_counters_whole() -> N
 
 
 async def test_events_queued_during_the_list_skip_the_keys_it_had_not_read_yet() -> None:
-    """Each publish is queued with the list's cursor of that moment (SPEC 4.3).
+    """Each publish is queued with the list's cursor of that moment.
 
     Keys after that cursor were read by the list later, so the list shows them
     already: their events are skipped. Keys up to it were listed before the

@@ -1,4 +1,4 @@
-"""Streams the aggregator refuses on `Sync` (SPEC 6, 10).
+"""Streams the aggregator refuses on `Sync`.
 
 Bad input of every kind ends the stream with INVALID_ARGUMENT and changes
 nothing; a live node's name cannot be taken by another epoch; `max_watchers`

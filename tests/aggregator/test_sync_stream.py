@@ -1,4 +1,4 @@
-"""The `Sync` stream of a well-behaved watcher, over real sockets (SPEC 4.2, 6, 7).
+"""The `Sync` stream of a well-behaved watcher, over real sockets.
 
 Hello and Welcome, snapshots in chunks, batches in order, gaps and resyncs,
 resuming in the same epoch and starting over in a new one; then how a node

@@ -1,4 +1,4 @@
-"""What the file system can hold that the wire and the kernel's path calls cannot (SPEC 6).
+"""What the file system can hold that the wire and the kernel's path calls cannot.
 
 - Times outside int64 nanoseconds (before 1677-09-21, after 2262-04-11): set with
   os.utime on real files, on tmpfs where there is one (it keeps any 64-bit time;

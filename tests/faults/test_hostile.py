@@ -1,4 +1,4 @@
-"""Hostile peers (SPEC 6, 10): property-based input on the Sync stream and the legacy endpoints.
+"""Hostile peers: property-based input on the Sync stream and the legacy endpoints.
 
 One aggregator for the whole module, with a well-behaved gRPC watcher and a
 well-behaved legacy watcher beside it. Hypothesis drives:
@@ -297,7 +297,7 @@ def test_garbage_bytes_on_the_sync_stream_are_invalid_argument(env: Env) -> None
 
 
 def test_a_batch_before_any_snapshot_is_answered_with_a_resync(env: Env) -> None:
-    """Out of order, not malformed: the aggregator asks for a snapshot (SPEC 6: a gap)."""
+    """Out of order, not malformed: the aggregator asks for a snapshot (a gap)."""
     node = f"early-{uuid.uuid4().hex[:8]}"
     sync = RawSync(env.channel)
     sync.send(hello_msg(node, "e1"), batch_msg(1, (pb.OP_ADD, b"a.txt")))
@@ -331,7 +331,7 @@ def _valid_filename(value: object) -> bool:
 
 
 def expected_legacy(path: str, body: object) -> int:
-    """200 for a well-formed body (SPEC 5), 400 otherwise."""
+    """200 for a well-formed body, 400 otherwise."""
     if path == "/hello":
         ok = isinstance(body, dict) and _valid_instance(body.get("instance"))
         port = body.get("port") if isinstance(body, dict) else None

@@ -1,4 +1,4 @@
-"""Our legacy watcher keeps apart names that differ only in undecodable bytes (SPEC 5).
+"""Our legacy watcher keeps apart names that differ only in undecodable bytes.
 
 A real `python -m watcher -aggregator=http://...` against a fake aggregator
 (tests.faults.fake_aggregator) that records the PATCH bodies as they came; its

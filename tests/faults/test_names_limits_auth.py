@@ -1,4 +1,4 @@
-"""Odd names, limits, the token, and who owns what (SPEC 4.1, 5, 6, 10).
+"""Odd names, limits, the token, and who owns what.
 
 Some tests need a second loopback address: 127.0.0.2 (all of 127.0.0.0/8 is
 the loopback interface on Linux) plays "another host" for ownership and fetch

@@ -1,4 +1,4 @@
-"""The network between a watcher and the aggregator breaks (SPEC 6, 7).
+"""The network between a watcher and the aggregator breaks.
 
 Every watcher here reaches the aggregator through a `TcpProxy` that the test
 cuts (connections reset, new ones refused), stalls (a half-open link: open,

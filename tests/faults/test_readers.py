@@ -1,4 +1,4 @@
-"""WatchFiles readers that stop reading (SPEC 4.2): dropped with a clear status, memory bounded.
+"""WatchFiles readers that stop reading: dropped with a clear status, memory bounded.
 
 - One reader stops reading while a synthetic watcher (raw Sync stream) pushes
   18,000 events of ~1 KB each; the index itself stays small (the same 100 names

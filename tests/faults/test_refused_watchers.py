@@ -1,4 +1,4 @@
-"""A watcher the aggregator refuses says so: /healthz 503 "failing" with the reason (SPEC 6, 10).
+"""A watcher the aggregator refuses says so: /healthz 503 "failing" with the reason.
 
 - gRPC: two real watchers with one --name against a real aggregator; the second
   is refused ALREADY_EXISTS until the first leaves.

@@ -1,4 +1,4 @@
-"""Processes killed and restarted (SPEC 7): SIGKILL the aggregator, SIGKILL a watcher.
+"""Processes killed and restarted: SIGKILL the aggregator, SIGKILL a watcher.
 
 Real processes, real folders; the truth is always the folders themselves.
 """

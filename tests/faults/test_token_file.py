@@ -1,4 +1,4 @@
-"""The shared token read from a file: ingestion guarded, the secret off command lines (SPEC 10)."""
+"""The shared token read from a file: ingestion guarded, the secret off command lines."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Tests of the legacy HTTP protocol (SPEC 5): the original Go watcher's hello/bye/PATCH."""
+"""Tests of the legacy HTTP protocol: the original Go watcher's hello/bye/PATCH."""

@@ -1,4 +1,4 @@
-"""Bad input on the legacy endpoints (SPEC 10): a clear 400/413 and nothing changed.
+"""Bad input on the legacy endpoints: a clear 400/413 and nothing changed.
 
 One aggregator (--max-body-bytes 1024) with one live Python watcher in http://
 mode on folder1 is shared by the table-driven cases. Every bad PATCH names that

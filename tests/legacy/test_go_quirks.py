@@ -1,4 +1,4 @@
-"""The original Go watcher's faults (SPEC 5), played over the wire by a fake Go watcher.
+"""The original Go watcher's faults, played over the wire by a fake Go watcher.
 
 The fake serves `GET /files` from this test's event loop and sends exactly the Go
 watcher's requests; one aggregator (--fetch-timeout 0.5) is shared by the module,
@@ -128,7 +128,7 @@ async def test_an_evicted_instance_is_listed_again_at_its_next_hello(
     """A network cut longer than the TTL: once its hellos come back, it is fetched again.
 
     The aggregator lost this instance (it did not say bye); the next hello must bring
-    its list back at once, not after another TTL (SPEC 5: fetch "an instance the
+    its list back at once, not after another TTL (fetch "an instance the
     aggregator lost").
     """
     fake = await fake_go(agg.http_port, ["a.txt"])
