@@ -10,8 +10,9 @@ import sys
 import prometheus_client
 
 from common.logs import configure
-from watcher.app import WatcherError, run
+from watcher.app import run
 from watcher.config import from_args
+from watcher.errors import StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         asyncio.run(run(config))
-    except WatcherError as err:
+    except StartupError as err:
         print(f"watcher: {err}", file=sys.stderr)
         return 1
     return 0

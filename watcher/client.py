@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import random
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -22,13 +19,13 @@ from opentelemetry.trace import SpanKind
 from common.tracing import inject
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
-from watcher.scanner import FileStat
-from watcher.state import Batch, FolderState, Op, chunked
+from watcher.errors import SyncError
+from watcher.link import LinkStatus, StreamState, backoff
+from watcher.state import Batch, FolderState, chunked
+from watcher.sync_wire import batch_attributes, batch_to_pb, channel_options, snapshot_chunk_pb
 from watcher.telemetry import WatcherMetrics
 
 log = structlog.get_logger(__name__)
-
-_OPS = {Op.ADD: pb.OP_ADD, Op.REMOVE: pb.OP_REMOVE, Op.MODIFY: pb.OP_MODIFY}
 
 REFUSALS = frozenset(
     {
@@ -45,25 +42,6 @@ help, so the watcher reports itself failing (/healthz 503) until a stream is acc
 A broken link or a restarting aggregator is not one of them."""
 
 
-class StreamState(enum.Enum):
-    """Where the stream stands, for /healthz and metrics."""
-
-    CONNECTING = "connecting"
-    SYNCING = "syncing"
-    LIVE = "live"
-    BACKOFF = "backoff"
-    STOPPED = "stopped"
-
-
-class SyncError(Exception):
-    """The aggregator ended or refused the stream."""
-
-    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
-        super().__init__(f"{code.name if code else 'PROTOCOL'}: {details}")
-        self.code = code
-        self.details = details
-
-
 @dataclass(frozen=True)
 class Identity:
     """Who this watcher is, as told in its hello."""
@@ -75,49 +53,7 @@ class Identity:
     http_port: int
 
 
-def batch_attributes(node: str, batch: Batch) -> dict[str, str | int]:
-    """The attributes of a watcher's batch span."""
-    return {
-        "filewatch.node": node,
-        "filewatch.count": len(batch.changes),
-        "filewatch.sequence.first": batch.sequence,
-        "filewatch.sequence.last": batch.sequence,
-    }
-
-
-def batch_to_pb(batch: Batch) -> pb.WatcherMessage:
-    """A state batch as a proto message."""
-    changes = [
-        pb.Change(
-            op=_OPS[c.op],
-            file=pb.FileInfo(
-                name=c.name,
-                size=c.stat.size if c.stat else 0,
-                mtime_ns=c.stat.mtime_ns if c.stat else 0,
-            ),
-        )
-        for c in batch.changes
-    ]
-    return pb.WatcherMessage(
-        batch=pb.Batch(sequence=batch.sequence, changes=changes, observed_unix_ns=batch.observed_ns)
-    )
-
-
-def snapshot_chunk_pb(files: Iterable[tuple[bytes, FileStat]]) -> pb.WatcherMessage:
-    """Snapshot files as one chunk message.
-
-    Each entry is added in place to the repeated field: building a `FileInfo`
-    per file and copying it in costs twice as much, 100k times over at start-up.
-    """
-    msg = pb.WatcherMessage()
-    msg.snapshot_chunk.SetInParent()
-    add = msg.snapshot_chunk.files.add
-    for name, (size, mtime_ns) in files:
-        add(name=name, size=size, mtime_ns=mtime_ns)
-    return msg
-
-
-class SyncClient:
+class SyncClient(LinkStatus):
     """Keeps one Sync stream to the aggregator alive until `stop` is set.
 
     Args:
@@ -154,42 +90,15 @@ class SyncClient:
         self._chunk_bytes = chunk_bytes
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self.metrics = metrics or WatcherMetrics()
-        self._state_value = StreamState.CONNECTING
+        super().__init__(metrics)
         self.applied_sequence = 0
         self._resync = False
-        self.refusal: str | None = None
-        """Why the aggregator refused the last stream (code: details), until one is accepted."""
-
-    @property
-    def stream_state(self) -> StreamState:
-        """Where the stream stands (also exported as a metric)."""
-        return self._state_value
-
-    @stream_state.setter
-    def stream_state(self, value: StreamState) -> None:
-        self._state_value = value
-        self.metrics.stream_state.state(value.value)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, sync, reconnect on failure; on `stop`, say goodbye and return."""
         failures = 0
         fields: dict[str, object]
-        options = [
-            ("grpc.keepalive_time_ms", int(self._keepalive * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self._keepalive * 1000)),
-            # A keepalive ping that finds another ping in flight (BDP probing) waits
-            # for that one, whose timeout is this (default 60 s), not the above.
-            ("grpc.http2.ping_timeout_ms", int(self._keepalive * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.enable_retries", 0),
-            # The channel's own reconnect backoff (1 s growing to 120 s by default)
-            # must not outlast ours, or a restarted aggregator waits for minutes.
-            ("grpc.initial_reconnect_backoff_ms", int(self._reconnect_min * 1000)),
-            ("grpc.min_reconnect_backoff_ms", int(self._reconnect_min * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(self._reconnect_max * 1000)),
-        ]
+        options = channel_options(self._keepalive, self._reconnect_min, self._reconnect_max)
         async with grpc.aio.insecure_channel(self._target, options=options) as channel:
             stub = pb_grpc.WatcherSyncStub(channel)
             while not stop.is_set():
@@ -213,9 +122,7 @@ class SyncClient:
                     fields = {"code": str(code), "details": details, "refused": refused}
                 self.metrics.reconnects.inc()
                 self.stream_state = StreamState.BACKOFF
-                delay = random.uniform(
-                    0, min(self._reconnect_max, self._reconnect_min * 2**failures)
-                )
+                delay = backoff(failures, self._reconnect_min, self._reconnect_max)
                 # One line per attempt: the failures in a row, and when the next try comes.
                 log.warning(
                     event, target=self._target, attempt=failures, retry_in=round(delay, 3), **fields
@@ -251,9 +158,7 @@ class SyncClient:
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
             raise SyncError(await call.code(), await call.details() or "no welcome")
         welcome = first.welcome
-        if self.refusal is not None:
-            log.info("stream_accepted", previous_refusal=self.refusal)
-            self.refusal = None
+        self._accepted("stream_accepted")
         self.stream_state = StreamState.SYNCING
         self._resync = False  # a request from a previous stream is answered below
         resend = st.batches_after(welcome.applied_sequence) if welcome.resume else None

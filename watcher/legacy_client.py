@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from typing import Any
 
 import aiohttp
@@ -20,8 +19,9 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from common.tracing import inject
-from watcher.client import StreamState
+from watcher.errors import RejectedError
 from watcher.legacy_json import dumps, legacy_name
+from watcher.link import LinkStatus, StreamState, backoff
 from watcher.state import FolderState, Op
 from watcher.telemetry import WatcherMetrics
 
@@ -30,11 +30,7 @@ log = structlog.get_logger(__name__)
 _LEGACY_OPS = {Op.ADD: "add", Op.REMOVE: "remove"}
 
 
-class RejectedError(Exception):
-    """The aggregator refused a request as malformed (4xx): retrying will not help."""
-
-
-class LegacyClient:
+class LegacyClient(LinkStatus):
     """Reports the folder to a legacy aggregator until `stop` is set."""
 
     def __init__(
@@ -66,20 +62,7 @@ class LegacyClient:
         self._max_batch = max_batch
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self.metrics = metrics or WatcherMetrics()
-        self._state_value = StreamState.CONNECTING
-        self.refusal: str | None = None
-        """Why the aggregator refused the last hello (a 4xx), until one is accepted."""
-
-    @property
-    def stream_state(self) -> StreamState:
-        """Where the link stands (also exported as a metric)."""
-        return self._state_value
-
-    @stream_state.setter
-    def stream_state(self, value: StreamState) -> None:
-        self._state_value = value
-        self.metrics.stream_state.state(value.value)
+        super().__init__(metrics)
 
     async def _post(
         self,
@@ -111,9 +94,7 @@ class LegacyClient:
                 await self._post(session, "POST", "hello", body)
                 self.stream_state = StreamState.LIVE
                 failures = 0
-                if self.refusal is not None:
-                    log.info("hello_accepted", previous_refusal=self.refusal)
-                    self.refusal = None
+                self._accepted("hello_accepted")
             except (aiohttp.ClientError, TimeoutError, RejectedError) as err:
                 failures += 1
                 self.stream_state = StreamState.BACKOFF
@@ -169,7 +150,7 @@ class LegacyClient:
                 log.warning("patch_failed", error=str(err) or type(err).__name__, attempt=failures)
                 if stop.is_set():
                     return
-            delay = random.uniform(0, min(self._reconnect_max, self._reconnect_min * 2**failures))
+            delay = backoff(failures, self._reconnect_min, self._reconnect_max)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 

@@ -25,6 +25,8 @@ import stat
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from watcher.errors import FolderError
+
 MTIME_NS_MIN = -(1 << 63)
 """The earliest mtime the wire carries (int64 nanoseconds): 1677-09-21."""
 MTIME_NS_MAX = (1 << 63) - 1
@@ -35,19 +37,6 @@ SIZE_MAX = (1 << 64) - 1
 # A descriptor to stat relative to, and nothing more: O_PATH needs no read
 # permission on the folder (search permission is enough, as for a plain stat).
 _DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
-
-
-class FolderError(Exception):
-    """Why a path is not a usable folder.
-
-    `state` is what the watcher reports: "missing" (nothing there, or not a
-    folder), "unreadable" (permission denied) or "error" (anything else, such
-    as a path too long for the kernel).
-    """
-
-    def __init__(self, reason: str, state: str) -> None:
-        super().__init__(reason)
-        self.state = state
 
 
 def _too_long(path: bytes) -> str:

@@ -9,12 +9,12 @@ import pytest
 
 from gen import filewatch_pb2 as pb
 from tests.paths import deep_folder
+from watcher.errors import FolderError
 from watcher.scanner import (
     MTIME_NS_MAX,
     MTIME_NS_MIN,
     SIZE_MAX,
     FileStat,
-    FolderError,
     file_stat,
     folder_identity,
     scan_folder,

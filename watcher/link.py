@@ -1,0 +1,83 @@
+"""The link to the aggregator, whatever the protocol: what both clients share.
+
+`Client` is what the watcher needs of a client (`watcher.client.SyncClient` for
+gRPC, `watcher.legacy_client.LegacyClient` for the legacy HTTP protocol);
+`LinkStatus` is the bookkeeping both keep for /healthz and the metrics;
+`backoff` is their delay before a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from typing import Protocol
+
+import structlog
+
+from watcher.telemetry import WatcherMetrics
+
+log = structlog.get_logger(__name__)
+
+
+class StreamState(enum.Enum):
+    """Where the link stands, for /healthz and metrics."""
+
+    CONNECTING = "connecting"
+    SYNCING = "syncing"
+    LIVE = "live"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+class Client(Protocol):
+    """A client that reports the folder state to the aggregator until `stop` is set."""
+
+    @property
+    def stream_state(self) -> StreamState:
+        """Where the link stands."""
+        ...
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the aggregator refused us, until it accepts us again; None if it did not."""
+        ...
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Report until `stop` is set, reconnecting on failure; then say goodbye and return."""
+        ...
+
+
+def backoff(failures: int, low: float, high: float) -> float:
+    """Seconds to wait after `failures` in a row: capped exponential, full jitter.
+
+    Uniform in [0, min(high, low * 2**failures)].
+    """
+    return random.uniform(0, min(high, low * 2**failures))
+
+
+class LinkStatus:
+    """The stream state (also exported as a metric) and the last refusal, of one client."""
+
+    def __init__(self, metrics: WatcherMetrics | None) -> None:
+        self.metrics = metrics or WatcherMetrics()
+        self._stream_state = StreamState.CONNECTING
+        self.refusal: str | None = None
+        """Why the aggregator refused the last attempt, until one is accepted: a gRPC
+        `CODE: details`, or what the legacy aggregator answered a hello with a 4xx."""
+
+    @property
+    def stream_state(self) -> StreamState:
+        """Where the link stands (also exported as a metric)."""
+        return self._stream_state
+
+    @stream_state.setter
+    def stream_state(self, value: StreamState) -> None:
+        self._stream_state = value
+        self.metrics.stream_state.state(value.value)
+
+    def _accepted(self, event: str) -> None:
+        """The aggregator accepted us: a refusal, if any, is over (logged as `event`)."""
+        if self.refusal is not None:
+            log.info(event, previous_refusal=self.refusal)
+            self.refusal = None
