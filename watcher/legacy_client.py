@@ -1,4 +1,4 @@
-"""The legacy protocol from the watcher's side: hello, PATCH /files, bye (SPEC 5).
+"""The legacy protocol from the watcher's side: hello, PATCH /files, bye.
 
 Byte for byte what the Go watcher sends, minus its faults: the first hello goes
 out at once, bye is said on SIGINT too, and a failed request is retried with

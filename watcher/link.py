@@ -51,9 +51,10 @@ class Client(Protocol):
 def backoff(failures: int, low: float, high: float) -> float:
     """Seconds to wait after `failures` in a row: capped exponential, full jitter.
 
-    Uniform in [0, min(high, low * 2**failures)].
+    Uniform in [0, min(high, low * 2**failures)]; the exponent stops growing past
+    the cap, so an outage of any length never overflows it.
     """
-    return random.uniform(0, min(high, low * 2**failures))
+    return random.uniform(0, min(high, low * 2.0 ** min(failures, 64)))
 
 
 class LinkStatus:

@@ -1,4 +1,4 @@
-"""The watcher's command line: the Go watcher's flags exactly, long forms, env twins (SPEC 3)."""
+"""The watcher's command line: the Go watcher's flags exactly, long forms, env twins."""
 
 from __future__ import annotations
 

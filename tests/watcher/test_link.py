@@ -14,7 +14,9 @@ from watcher.state import FolderState
 from watcher.telemetry import WatcherMetrics
 
 
-@pytest.mark.parametrize(("failures", "bound"), [(0, 0.1), (1, 0.2), (3, 0.8), (10, 5.0)])
+@pytest.mark.parametrize(
+    ("failures", "bound"), [(0, 0.1), (1, 0.2), (3, 0.8), (10, 5.0), (5000, 5.0)]
+)
 def test_backoff_is_full_jitter_up_to_a_capped_exponential(failures: int, bound: float) -> None:
     delays = [backoff(failures, 0.1, 5.0) for _ in range(200)]
     assert all(0 <= d <= bound for d in delays)

@@ -1,4 +1,4 @@
-"""Reading real folders: which entries are files, names as raw bytes (SPEC 4.1, 5)."""
+"""Reading real folders: which entries are files, names as raw bytes."""
 
 from __future__ import annotations
 

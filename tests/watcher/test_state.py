@@ -1,4 +1,4 @@
-"""The watcher's folder state: coalescing, sequences, the resend ring, scans, chunks (SPEC 6)."""
+"""The watcher's folder state: coalescing, sequences, the resend ring, scans, chunks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The watcher against a real aggregator, in-process, over real sockets (SPEC 6, 7).
+"""The watcher against a real aggregator, in-process, over real sockets.
 
 A real `Aggregator` (gRPC and HTTP on 127.0.0.1 port 0) and a real
 `watcher.app.Watcher` watching a `tmp_path` folder with watchdog run in this
@@ -318,7 +318,7 @@ async def test_an_aggregator_restart_loses_nothing(harness: Harness) -> None:
 
 
 async def test_a_long_outage_is_followed_by_a_prompt_reconnect(harness: Harness) -> None:
-    # SPEC 6 and 7: reconnects use capped backoff, so once the aggregator is
+    # Reconnects use capped backoff, so once the aggregator is
     # back, the watcher is known again within about one capped delay, however
     # long the outage was.
     write(harness.folder, "a.txt")
