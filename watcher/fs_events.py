@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from watchdog.events import (
+    FileAttribEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
@@ -41,7 +42,10 @@ Sink = Callable[[Observation, int], None]
 # opens, closes or the folder's own "modified" (a plain create would otherwise
 # bring five events, each through three threads). A file's last write reports
 # its final size; a close adds nothing to that.
-_EVENTS = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent]
+# FileAttribEvent costs no extra kernel event (watchdog's mask for "modified"
+# has IN_ATTRIB already) but without it in the filter a `touch` or `utime` that
+# sets a file's time would be dropped, and seen only at the next rescan.
+_EVENTS = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileAttribEvent, FileMovedEvent]
 
 # On Linux watchdog holds an IN_MOVED_FROM for 0.5 s, hoping to pair it with its
 # IN_MOVED_TO, and every later event waits behind it: a file moved out of the

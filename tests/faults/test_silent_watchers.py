@@ -97,3 +97,22 @@ def test_a_file_dated_the_epoch_keeps_its_time_and_a_legacy_file_has_none(
     assert entries["g"].modified == "1970-01-01T00:00:00.000000Z"
     assert entries["g"].size == 5
     assert entries[legacy_node].modified == ""  # unknown, not 1970
+
+
+def test_a_new_time_set_on_a_file_shows_without_a_rescan(
+    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+) -> None:
+    """`touch -d` changes only the inode's attributes (IN_ATTRIB), not the content."""
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "dated.txt").write_bytes(b"x")
+    agg = start_aggregator()
+    start_watcher(folder, agg.grpc_url, "--rescan-interval", "0", name="t")
+    wait_listed(agg, "t", folder, what="the file listed", timeout=SYNC_TIMEOUT)
+    os.utime(folder / "dated.txt", ns=(0, 1_000_000_000_000_000_000))  # 2001-09-09
+    wait_for(
+        lambda: [e["modified"] for e in agg.entries() if e["node"] == "t"],
+        SYNC_TIMEOUT,
+        until=lambda times: times == ["2001-09-09T01:46:40.000000Z"],
+        what="the new time listed",
+    )
