@@ -52,7 +52,9 @@ class Aggregator:
         self.tracer = (
             tracer_provider.get_tracer("filewatch.aggregator") if tracer_provider else None
         )
-        self.index = Index(max_files_per_watcher=config.max_files_per_watcher)
+        self.index = Index(
+            max_files_per_watcher=config.max_files_per_watcher, first_version=time.time_ns() // 1000
+        )
         self.store = Store(
             self.index,
             self.metrics,

@@ -233,14 +233,18 @@ class Index:
     Args:
         max_files_per_watcher: a snapshot or batch that would take one watcher
             beyond this many files is refused whole.
+        first_version: the version of the empty index. An aggregator starts from
+            the microseconds since the epoch, so that versions never repeat across
+            restarts: a reader resuming from a version of an earlier process gets
+            the list again instead of this process's events of that number.
     """
 
-    def __init__(self, max_files_per_watcher: int = 10_000_000) -> None:
+    def __init__(self, max_files_per_watcher: int = 10_000_000, first_version: int = 0) -> None:
         self._max_files = max_files_per_watcher
         self._watchers: dict[str, _Watcher] = {}
         self._by_suffix: dict[bytes, _Watcher] = {}
         self._keys: SortedPages[Key] = SortedPages()
-        self._version = 0
+        self._version = first_version
 
     # ------------------------------------------------------------ reading
 

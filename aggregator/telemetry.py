@@ -108,7 +108,7 @@ class Metrics:
         # Every series with a known label set is born now, at 0, not at its first
         # event: an alert's rate() sees that first event, and the series' memory is
         # allocated with the rest of the start-up state, not in the middle of the
-        # first load, where it would pin the load's freed memory (see memory.py).
+        # first load, where it would keep the load's freed memory from being reused.
         for protocol in ("grpc", "legacy"):
             self.sync_lag.labels(protocol)
             self.watchers.labels(protocol)

@@ -362,7 +362,7 @@ class Resync(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     APPLIED_SEQUENCE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """"gap", "snapshot_mismatch", ..."""
+    """"gap" (a sequence skipped) or "behind" (a heartbeat ahead)"""
     applied_sequence: _builtins.int
     def __init__(
         self,

@@ -158,6 +158,31 @@ async def test_watch_files_resumes_from_a_version(aggregator: Aggregator, channe
     peer.call.cancel()
 
 
+async def test_a_version_of_an_earlier_aggregator_gets_the_list_not_this_ones_events(
+    make_aggregator: AggregatorFactory,
+) -> None:
+    """Versions never repeat across restarts: a reader resuming across one starts over."""
+    first = await make_aggregator()
+    async with open_channel(first) as channel:
+        peer = Peer(channel, "node-a")
+        await peer.join([b"a.txt", b"b.txt"])
+        seen = first.store.index.version
+        peer.call.cancel()
+    await first.stop()
+    again = await make_aggregator()  # a new process, as after a restart
+    async with open_channel(again) as channel:
+        peer = Peer(channel, "node-a")
+        await peer.join([b"x%d.txt" % i for i in range(5)])  # more events than before
+        assert again.store.index.version > seen
+        stub = filewatch_pb2_grpc.FileIndexStub(channel)
+        call = stub.WatchFiles(pb.WatchFilesRequest(resume_version=seen))
+        message = await read_stream(call)
+        assert message.WhichOneof("kind") == "list", message  # not events of this process
+        assert [f.raw_name for f in message.list.files] == [b"x%d.txt" % i for i in range(5)]
+        call.cancel()
+        peer.call.cancel()
+
+
 async def test_a_reader_that_never_reads_is_dropped_and_others_keep_going(
     make_aggregator: AggregatorFactory,
 ) -> None:
