@@ -195,7 +195,10 @@ def write_png(path: Path, meta: dict[str, Any], results: Sequence[ScenarioResult
     ticker = importlib.import_module("matplotlib.ticker")
     panels: list[tuple[str, dict[str, list[float]]]] = []
     groups = (
-        ("one change at a time: created -> in GET /files/", ("lag_grpc", "lag_legacy")),
+        (
+            "one change at a time: created -> in, deleted -> gone from GET /files/",
+            ("lag_floor", "lag_grpc", "lag_legacy"),
+        ),
         ("churn: change on disk -> WatchFiles event", ("churn",)),
         ("moves and renames -> GET /files/", ("move",)),
     )

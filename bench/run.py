@@ -55,7 +55,7 @@ DISTURBED = 10.0
 """% of a core used by other processes above which a scenario's figures are flagged."""
 
 FAMILIES: list[tuple[tuple[str, ...], Family]] = [
-    (("lag_grpc", "lag_legacy"), scenarios_lag.run_lag),
+    (("lag_floor", "lag_grpc", "lag_legacy"), scenarios_lag.run_lag),
     (("move",), scenarios_lag.run_move),
     (("churn",), scenarios_lag.run_churn),
     (("ingest",), scenarios_ingest.run_ingest),

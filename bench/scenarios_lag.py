@@ -1,5 +1,9 @@
 """End-to-end lag through real watchers: one change at a time (gRPC, legacy), churn, moves.
 
+One change at a time is also measured against bench/lag_floor.py (lag_floor:
+one process, inotify read in its event loop, a sorted list, aiohttp), by the
+same probe in the same run: lag_grpc and lag_legacy report their ratio to it.
+
 Lag is file operation on disk -> GET /files/ shows it (polled with
 If-None-Match on one keep-alive connection: an unchanged list costs a 304, a
 changed one is read whole). Under churn, where no poller could keep up, it is
@@ -17,14 +21,16 @@ import math
 import os
 import random
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import orjson
 
 from bench.harness import (
+    HOST,
     AggregatorProc,
     BenchError,
     Check,
@@ -107,90 +113,180 @@ def _wait_watchers(
 
 @dataclass
 class _LagRun:
-    """Lags of one protocol at one size, and the aggregator's own view of them."""
+    """Lags of one pipeline at one size, and the aggregator's own view of them.
+
+    `lags`: file created -> listed; `deletes`: the same files deleted -> gone.
+    """
 
     lags: list[float]
     agg_p50: float
     agg_p99: float
+    deletes: list[float] = field(default_factory=list)
+    agg_delete_p50: float = math.nan
+    agg_delete_p99: float = math.nan
 
 
 SYNC_LAG = "filewatch_sync_lag_seconds"
+Hist = Callable[[], dict[float, float]]
+
+
+def _trials(ctx: Context, poller: FilesPoller, folder: Path, prefix: str, hist: Hist) -> _LagRun:
+    """WARMUP + N files created one at a time, each until listed; then deleted, each until gone.
+
+    `hist` reads the aggregator's sync-lag histogram (after the warm-up trials
+    and at the end of each phase). The files are gone when this returns.
+    """
+    created: list[Path] = []
+    creates: list[float] = []
+    deletes: list[float] = []
+    h0: dict[float, float] = {}
+    d0: dict[float, float] = {}
+    try:
+        for i in range(WARMUP + ctx.sizes.lag_trials):
+            path = folder / f"{prefix}-{i:05d}"
+            created.append(path)
+            lag = _timed(poller, ctx, listed(path.name), _touch, path)
+            if i >= WARMUP:
+                creates.append(lag)
+            if i == WARMUP - 1:
+                h0 = hist()
+        h1 = hist()
+        for i, path in enumerate(created):
+            lag = _timed(poller, ctx, not_listed(path.name), os.unlink, path)
+            if i >= WARMUP:
+                deletes.append(lag)
+            if i == WARMUP - 1:
+                d0 = hist()
+        d1 = hist()
+    finally:
+        for path in created:
+            path.unlink(missing_ok=True)
+    return _LagRun(
+        creates,
+        histogram_quantile(0.5, h0, h1) * 1000,
+        histogram_quantile(0.99, h0, h1) * 1000,
+        deletes,
+        histogram_quantile(0.5, d0, d1) * 1000,
+        histogram_quantile(0.99, d0, d1) * 1000,
+    )
+
+
+def _no_histogram() -> dict[float, float]:
+    return {}
 
 
 def _lag_protocol(ctx: Context, protocol: str) -> dict[int, _LagRun]:
-    """Lags (ms) of single creations through one protocol, at 0 and N other files."""
+    """Lags (ms) of single creations and deletions through one protocol, at 0 and N other files."""
     procs = ctx.procs(f"lag-{protocol}")
     out: dict[int, _LagRun] = {}
     try:
         agg = start_aggregator(procs, "aggregator")
         target = agg.grpc_url if protocol == "grpc" else agg.http_url
+        label = "grpc" if protocol == "grpc" else "http"
         for background in (0, ctx.sizes.lag_background):
             folder = ctx.folder_with(background) if background else ctx.scratch("lag-empty")
-            say(f"lag {protocol}: {background:,} other files, {ctx.sizes.lag_trials} trials")
+            say(
+                f"lag {protocol}: {background:,} other files, {ctx.sizes.lag_trials} trials "
+                "(create, then delete)"
+            )
             watcher = start_watcher(
                 procs, f"watcher-{protocol}-{human(background)}", folder, target
             )
             _wait_watchers(agg, background, 1, 300, procs)
             poller = FilesPoller(agg.http_port)
-            poller.settle()
-            created: list[Path] = []
-            lags: list[float] = []
-            label = "grpc" if protocol == "grpc" else "http"
-            hist0: dict[float, float] = {}
             try:
+                poller.settle()
                 with ctx.profiled(agg.pid, f"lag_{protocol}:aggregator:{human(background)} files"):
-                    for i in range(WARMUP + ctx.sizes.lag_trials):
-                        path = folder / f"lag-{protocol}-{i:05d}"
-                        created.append(path)
-                        lag = _timed(poller, ctx, listed(path.name), _touch, path)
-                        if i >= WARMUP:
-                            lags.append(lag)
-                        if i == WARMUP - 1:
-                            hist0 = histogram(agg.http_port, SYNC_LAG, protocol=label)
-                hist1 = histogram(agg.http_port, SYNC_LAG, protocol=label)
+                    out[background] = _trials(
+                        ctx,
+                        poller,
+                        folder,
+                        f"lag-{protocol}",
+                        lambda: histogram(agg.http_port, SYNC_LAG, protocol=label),
+                    )
             finally:
                 poller.close()
                 procs.stop(watcher.proc)
-                for path in created:
-                    path.unlink(missing_ok=True)
             wait_file_count(agg.http_port, 0, 120)
-            out[background] = _LagRun(
-                lags,
-                histogram_quantile(0.5, hist0, hist1) * 1000,
-                histogram_quantile(0.99, hist0, hist1) * 1000,
-            )
     finally:
         procs.stop_all()
     return out
 
 
+FLOOR_STARTED = "lag_floor_started"
+
+
+def _lag_floor(ctx: Context) -> _LagRun:
+    """The same trials against bench/lag_floor.py (inotify -> sorted list -> aiohttp), empty."""
+    procs = ctx.procs("lag-floor")
+    try:
+        folder = ctx.scratch("lag-floor-empty")
+        say(f"lag floor: 0 other files, {ctx.sizes.lag_trials} trials (create, then delete)")
+        proc = procs.spawn(
+            "lag-floor",
+            ["bench/lag_floor.py", "--dir", str(folder), "--http", f"{HOST}:0"],
+            script=True,
+        )
+        started = proc.wait_event(FLOOR_STARTED)
+        poller = FilesPoller(int(str(started["http"]).rsplit(":", 1)[1]))
+        try:
+            poller.settle()
+            with ctx.profiled(proc.pid, "lag_floor:floor:0 files"):
+                run = _trials(ctx, poller, folder, "lag-floor", _no_histogram)
+        finally:
+            poller.close()
+        if procs.stop(proc) != 0:
+            raise BenchError(f"lag_floor.py exited {proc.popen.returncode}:\n{proc.tail()}")
+    finally:
+        procs.stop_all()
+    return run
+
+
 def run_lag(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
-    """lag_grpc and lag_legacy: one change at a time, one watcher, at 0 and 100k other files."""
+    """lag_floor, lag_grpc, lag_legacy: one change at a time, at 0 (and 100k) other files.
+
+    lag_grpc or lag_legacy runs lag_floor first (their ratios need the floor of
+    the same run), except in a profiling run of theirs, whose figures are dropped.
+    """
+    results: list[ScenarioResult] = []
+    floor: _LagRun | None = None
+    wants_floor = "lag_floor" in selected or (
+        ctx.profile_dir is None and bool(selected & {"lag_grpc", "lag_legacy"})
+    )
+    if wants_floor:
+        try:
+            floor = _lag_floor(ctx)
+        except Exception as err:  # the floor's failure is its own: the others still run
+            say(f"lag_floor failed:\n{traceback.format_exc()}")
+            detail = "".join(traceback.format_exception_only(err)).strip()
+            results.append(_floor_result(ctx, None, detail))
+        else:
+            results.append(_floor_result(ctx, floor))
     measured: dict[str, dict[int, _LagRun]] = {}
     for protocol in ("grpc", "legacy"):
         if f"lag_{protocol}" in selected:
             measured[protocol] = _lag_protocol(ctx, protocol)
-    method = (
-        f"created an empty file, then polled GET /files/ every {ctx.poll_interval * 1000:g} ms "
-        f"(If-None-Match; 304 while unchanged) until it was listed; {WARMUP} warm-up trials "
-        "dropped; 10-30 ms idle and a settled list before each trial"
-    )
-    results = []
+    method = _method(ctx)
     big = ctx.sizes.lag_background
     if "grpc" in measured:
         runs = measured["grpc"]
         res = ScenarioResult(
             "lag_grpc",
-            "one change at a time, one watcher, gRPC: file created -> visible in GET /files/",
-            "0 other files: p50 <= 3 ms, p99 <= 15 ms; 100k: p50 <= 10 ms, p99 <= 50 ms",
+            "one change at a time, one watcher, gRPC: file created -> visible in GET /files/, "
+            "deleted -> gone",
+            "0 other files: create p50 <= 1.5 x lag_floor's, delete p50 <= 1.4 x lag_floor's, "
+            "create p99 <= 5 ms; 100k: create p50 <= 5 ms, p99 <= 25 ms",
         )
         res.tables.append(_lag_table(res, "gRPC", runs))
+        res.tables.append(_lag_table(res, "gRPC", runs, delete=True))
+        create_r, delete_r = _floor_ratios(res, runs[0], floor)
         e, b = summarize(runs[0].lags), summarize(runs[big].lags)
         res.checks += [
-            Check("p50, 0 other files", e["p50"], 3, "ms"),
-            Check("p99, 0 other files", e["p99"], 15, "ms"),
-            Check(f"p50, {human(big)} other files", b["p50"], 10, "ms"),
-            Check(f"p99, {human(big)} other files", b["p99"], 50, "ms"),
+            Check("create p50 / lag_floor create p50, 0 other files", create_r, 1.5, "x"),
+            Check("delete p50 / lag_floor delete p50, 0 other files", delete_r, 1.4, "x"),
+            Check("p99, 0 other files", e["p99"], 5, "ms"),
+            Check(f"p50, {human(big)} other files", b["p50"], 5, "ms"),
+            Check(f"p99, {human(big)} other files", b["p99"], 25, "ms"),
         ]
         res.notes += [method, AGG_NOTE + "watcher observed the change (its clock) -> applied"]
         results.append(res)
@@ -199,9 +295,16 @@ def run_lag(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
         res = ScenarioResult(
             "lag_legacy",
             "the same through the legacy HTTP path (our watcher, http:// mode)",
+            "0 other files: create p50 and delete p50 <= 1.3 x lag_floor's; "
             "reported, with the ratio gRPC / legacy",
         )
         res.tables.append(_lag_table(res, "legacy", runs))
+        res.tables.append(_lag_table(res, "legacy", runs, delete=True))
+        create_r, delete_r = _floor_ratios(res, runs[0], floor)
+        res.checks += [
+            Check("create p50 / lag_floor create p50, 0 other files", create_r, 1.3, "x"),
+            Check("delete p50 / lag_floor delete p50, 0 other files", delete_r, 1.3, "x"),
+        ]
         if "grpc" in measured:
             rt = Table(["other files", "gRPC/legacy p50", "gRPC/legacy p99"], caption="ratios")
             for background, run in runs.items():
@@ -221,16 +324,92 @@ def run_lag(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
 AGG_NOTE = "agg p50/p99: the aggregator's filewatch_sync_lag_seconds histogram over the trials: "
 
 
-def _lag_table(res: ScenarioResult, label: str, runs: dict[int, _LagRun]) -> Table:
-    table = Table(["other files", *LAG_COLUMNS, "agg p50 ms", "agg p99 ms"])
+def _method(ctx: Context) -> str:
+    return (
+        f"created an empty file, then polled GET /files/ every {ctx.poll_interval * 1000:g} ms "
+        f"(If-None-Match; 304 while unchanged) until it was listed; after all the creations, "
+        f"deleted the same files one at a time in the same order, each polled until gone; "
+        f"{WARMUP} warm-up trials of each dropped; 10-30 ms idle and a settled list before each "
+        "trial"
+    )
+
+
+def _floor_result(ctx: Context, floor: _LagRun | None, error: str | None = None) -> ScenarioResult:
+    res = ScenarioResult(
+        "lag_floor",
+        "reference: one process reading inotify in its asyncio loop, a sorted list, aiohttp "
+        "GET /files/ (bench/lag_floor.py; no watchdog, no watcher, no aggregator): "
+        "created -> visible, deleted -> gone, 0 other files",
+        "reported: the floor of this machine, that lag_grpc and lag_legacy are divided by",
+        error=error,
+    )
+    if floor is None:
+        return res
+    table = Table(["operation", *LAG_COLUMNS])
+    for op, values, key in (
+        ("create", floor.lags, "files_0"),
+        ("delete", floor.deletes, "delete_files_0"),
+    ):
+        table.rows.append([op, *_row(values)])
+        res.figures[key] = summarize(values)
+        res.samples[f"floor{'' if op == 'create' else ' delete'}, 0 other files"] = values
+    res.tables.append(table)
+    res.notes += [
+        _method(ctx),
+        "the same probe (FilesPoller) as lag_grpc and lag_legacy, in the same run",
+    ]
+    return res
+
+
+def _floor_ratios(res: ScenarioResult, run: _LagRun, floor: _LagRun | None) -> tuple[float, float]:
+    """Table and figures of `run` / the floor (0 other files); returns the p50 ratios."""
+    table = Table(
+        ["0 other files", "p50 ms", "floor p50 ms", "p50 / floor", "p99 ms", "floor p99 ms",
+         "p99 / floor"],
+        caption="ratio to lag_floor (same run)",
+    )  # fmt: skip
+    figures: dict[str, float] = {}
+    for op, mine, base in (
+        ("create", run.lags, floor.lags if floor else []),
+        ("delete", run.deletes, floor.deletes if floor else []),
+    ):
+        m, f = summarize(mine), summarize(base)
+        p50, p99 = ratio(m["p50"], f["p50"]), ratio(m["p99"], f["p99"])
+        table.rows.append([op, m["p50"], f["p50"], p50, m["p99"], f["p99"], p99])
+        figures.update(
+            {
+                f"{op}_p50": p50,
+                f"{op}_p99": p99,
+                f"floor_{op}_p50_ms": f["p50"],
+                f"floor_{op}_p99_ms": f["p99"],
+            }
+        )
+    res.tables.append(table)
+    res.figures["ratio_to_floor_files_0"] = figures
+    if floor is None:
+        res.notes.append("ratio to lag_floor: lag_floor did not run or failed in this run")
+    return figures["create_p50"], figures["delete_p50"]
+
+
+def _lag_table(
+    res: ScenarioResult, label: str, runs: dict[int, _LagRun], *, delete: bool = False
+) -> Table:
+    table = Table(
+        ["other files", *LAG_COLUMNS, "agg p50 ms", "agg p99 ms"],
+        caption="deleted -> gone from GET /files/" if delete else "created -> in GET /files/",
+    )
     for background, run in runs.items():
-        table.rows.append([human(background), *_row(run.lags), run.agg_p50, run.agg_p99])
-        res.figures[f"files_{background}"] = {
-            **summarize(run.lags),
-            "aggregator_histogram_p50_ms": run.agg_p50,
-            "aggregator_histogram_p99_ms": run.agg_p99,
+        lags = run.deletes if delete else run.lags
+        agg_p50 = run.agg_delete_p50 if delete else run.agg_p50
+        agg_p99 = run.agg_delete_p99 if delete else run.agg_p99
+        table.rows.append([human(background), *_row(lags), agg_p50, agg_p99])
+        res.figures[f"{'delete_' if delete else ''}files_{background}"] = {
+            **summarize(lags),
+            "aggregator_histogram_p50_ms": agg_p50,
+            "aggregator_histogram_p99_ms": agg_p99,
         }
-        res.samples[f"{label}, {human(background)} other files"] = run.lags
+        kind = " delete" if delete else ""
+        res.samples[f"{label}{kind}, {human(background)} other files"] = lags
     return table
 
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 # Every scenario of the issue; the harness may add more, never drop one.
 EXPECTED = {
+    "lag_floor",
     "lag_grpc",
     "lag_legacy",
     "churn",
@@ -115,3 +116,46 @@ def test_quick_run_draws_the_lag_png_when_matplotlib_is_installed(
         assert "no PNG" in proc.stdout
     else:
         assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.timeout(QUICK_BUDGET + 60)
+def test_quick_run_compares_the_lag_scenarios_with_the_floor(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    scenarios = json.loads((out / "latest.json").read_text())["scenarios"]
+    floor = scenarios["lag_floor"]["figures"]
+    for key in ("files_0", "delete_files_0"):
+        assert floor[key]["n"] > 0 and floor[key]["p50"] > 0, (key, floor)
+    for name in ("lag_grpc", "lag_legacy"):
+        figures = scenarios[name]["figures"]
+        assert figures["files_0"]["n"] > 0 and figures["delete_files_0"]["n"] > 0, name
+        ratios = figures["ratio_to_floor_files_0"]
+        for key in ("create_p50", "delete_p50", "create_p99", "delete_p99"):
+            assert isinstance(ratios[key], float) and ratios[key] > 0, (name, key, ratios)
+
+
+def test_the_floor_applies_inotify_events_to_its_sorted_list(tmp_path: Path) -> None:
+    from bench.lag_floor import Inotify, Listing  # noqa: PLC0415 (a script's module)
+
+    (tmp_path / "b").touch()
+    inotify = Inotify(str(tmp_path))
+    try:
+        listing = Listing(str(tmp_path))
+        assert listing.names == ["b"]
+        body0, etag0 = listing.body()
+        assert json.loads(body0) == {"files": [{"filename": "b"}]}
+        (tmp_path / "c").touch()
+        (tmp_path / "a").touch()
+        (tmp_path / "b").rename(tmp_path / "d")
+        (tmp_path / "sub").mkdir()
+        (tmp_path / "c").unlink()
+        listing.apply(inotify.read())
+        assert listing.names == ["a", "d"]
+        body1, etag1 = listing.body()
+        assert body1 == b'{"files":[{"filename":"a"},{"filename":"d"}]}'
+        assert etag1 != etag0
+        assert inotify.read() == []
+    finally:
+        inotify.close()
