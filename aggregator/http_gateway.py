@@ -29,6 +29,7 @@ from aggregator.errors import (
     LimitExceededError,
     UnauthenticatedError,
 )
+from aggregator.http_page import add_page_routes
 from aggregator.index import Entry, Index, Key, entry_of, key_filename
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, add_routes
@@ -295,6 +296,7 @@ def make_app(
     app.router.add_get("/files", get_files)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/metrics", get_metrics)
+    add_page_routes(app)
     if legacy is not None:
         add_routes(app, *legacy)
     metrics.declare_routes({r.resource.canonical for r in app.router.routes() if r.resource})

@@ -125,6 +125,7 @@ def start(aggregator_address: str) -> int:
         stop()
         return 1
     print("filewatch is running:")
+    print(f"  live page:        http://localhost:{AGGREGATOR_HTTP[1].split(':')[1]}/")
     print(f"  files (browser):  http://localhost:{AGGREGATOR_HTTP[1].split(':')[1]}/files/")
     print(f"  files (original): http://{AGGREGATOR_HTTP[0]}/files/")
     print(f"  gRPC:             {AGGREGATOR_GRPC}  (grpcurl -plaintext {AGGREGATOR_GRPC} list)")
