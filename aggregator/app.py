@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from aggregator.config import AggregatorConfig, parse_hostport
 from aggregator.errors import StartupError
 from aggregator.grpc_server import GrpcServer
+from aggregator.http_events import EventStreams
 from aggregator.http_gateway import make_app
 from aggregator.index import Index
 from aggregator.legacy import LegacyIngest
@@ -64,6 +65,11 @@ class Aggregator:
         )
         self.liveness = Liveness(config.ttl)
         self.sync = Sessions(self.store, self.liveness, max_watchers=config.max_watchers)
+        self.events = EventStreams(
+            self.store,
+            max_clients=config.max_event_clients,
+            write_timeout=config.reader_write_timeout,
+        )
         self._grpc = GrpcServer(config, self.sync, self.store, tracer_provider)
         self._session: aiohttp.ClientSession | None = None
         self.legacy: LegacyIngest | None = None
@@ -107,6 +113,8 @@ class Aggregator:
             legacy=(self.legacy, guard),
             client_max_size=cfg.max_body_bytes,
             tracer=self.tracer,
+            liveness=self.liveness,
+            events=self.events,
         )
         self._runner = make_runner(app, cfg.http_idle_timeout)
         await self._runner.setup()
@@ -174,6 +182,7 @@ class Aggregator:
 
     async def _end_streams(self) -> None:
         self.sync.shutdown()
+        self.events.close("aggregator shutting down")
         self.store.close_readers("aggregator shutting down")
 
     async def _stop_grpc(self) -> None:

@@ -58,9 +58,12 @@ class AggregatorConfig:
     max_readers: int = 1_000
     """WatchFiles readers at once."""
     reader_queue: int = 10_000
-    """Events buffered per WatchFiles reader before it is dropped as slow."""
+    """Events buffered per reader (WatchFiles, /files/events) before it is dropped as slow."""
     reader_write_timeout: float = 5.0
-    """Seconds a WatchFiles message may wait to be sent before its reader is dropped as slow."""
+    """Seconds a WatchFiles message (or /files/events event) may wait to be sent before its
+    reader is dropped as slow."""
+    max_event_clients: int = 1_000
+    """GET /files/events clients at once (apart from --max-readers); one more gets a 429."""
     hello_timeout: float = 10.0
     """Seconds a new Sync stream has to say hello."""
     keepalive: float = 10.0
@@ -111,6 +114,8 @@ class AggregatorConfig:
         for name in ("max_watchers", "max_files_per_watcher", "max_message_bytes", "max_readers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_event_clients <= 0:
+            raise ValueError("--max-event-clients must be positive")
         if not (math.isfinite(self.reader_write_timeout) and self.reader_write_timeout > 0):
             raise ValueError("--reader-write-timeout must be a positive number")
         if self.reader_queue <= 0 or self.hello_timeout <= 0 or self.keepalive <= 0:
@@ -165,12 +170,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--max-files-per-watcher", help="files one watcher may report")
     opt("--max-message-bytes", help="largest gRPC message accepted")
     opt("--max-readers", help="WatchFiles readers at once")
-    opt("--reader-queue", help="events buffered per WatchFiles reader before it is dropped")
+    opt(
+        "--reader-queue",
+        help="events buffered per reader (WatchFiles, /files/events) before it is dropped",
+    )
     opt(
         "--reader-write-timeout",
-        help="seconds a WatchFiles message may wait to be sent (the reader does not read) "
-        "before the reader is dropped with RESOURCE_EXHAUSTED",
+        help="seconds a WatchFiles message (or /files/events event) may wait to be sent (the "
+        "reader does not read) before the reader is dropped (RESOURCE_EXHAUSTED, event: dropped)",
     )
+    opt("--max-event-clients", help="GET /files/events clients at once; one more gets a 429")
     opt("--hello-timeout", help="seconds a Sync stream has to say hello")
     opt("--keepalive", help="seconds between gRPC keepalive pings")
     opt("--grace", help="seconds of graceful shutdown")

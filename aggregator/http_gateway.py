@@ -29,10 +29,13 @@ from aggregator.errors import (
     LimitExceededError,
     UnauthenticatedError,
 )
+from aggregator.http_events import EventStreams
 from aggregator.http_page import add_page_routes
+from aggregator.http_watchers import add_watchers_route
 from aggregator.index import Entry, Index, Key, entry_of, key_filename
 from aggregator.legacy import LegacyIngest
 from aggregator.legacy_http import LegacyGuard, add_routes
+from aggregator.liveness import Liveness
 from aggregator.names import rfc3339
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
@@ -282,8 +285,14 @@ def make_app(
     legacy: tuple[LegacyIngest, LegacyGuard] | None = None,
     client_max_size: int = 1024**2,
     tracer: Tracer | None = None,
+    liveness: Liveness | None = None,
+    events: EventStreams | None = None,
 ) -> web.Application:
-    """The aiohttp application of the aggregator, with the legacy endpoints if given."""
+    """The aiohttp application of the aggregator, with the legacy endpoints if given.
+
+    `liveness` tells `/watchers` how each watcher's link is; `events` serves
+    `/files/events` (one with the defaults if not given).
+    """
     middlewares: list[Middleware] = [error_middleware]
     if tracer is not None:
         middlewares.insert(0, tracing_middleware(tracer))
@@ -294,6 +303,8 @@ def make_app(
     # Both spellings answer directly: a redirect would turn a legacy PATCH into a GET.
     app.router.add_get("/files/", get_files)
     app.router.add_get("/files", get_files)
+    (events or EventStreams(store)).install(app, _detail_entry)
+    add_watchers_route(app, store.index, liveness)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/metrics", get_metrics)
     add_page_routes(app)

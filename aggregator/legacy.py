@@ -213,7 +213,7 @@ class LegacyIngest:
                     rec.buffered.setdefault(pending.op.seqno, []).append(pending)
             log.info("legacy_hello_new", node=node, instance=instance)
         rec.last_hello = now
-        self._liveness.seen(rec.node, PROTOCOL, now, self._expiry)
+        self._liveness.seen(rec.node, PROTOCOL, now, self._expiry, self._hello_period)
         announced = max(rec.buffered, default=rec.applied)
         self._store.position(rec.node, announced, rec.applied)
         self._update_gauge()

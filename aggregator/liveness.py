@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+LATE_PERIODS = 1.5
+"""A watcher whose signs of life are periodic is lost once this many periods pass without
+one: a hello a little late is no break."""
 
 
 @dataclass(slots=True)
 class _State:
     protocol: str
     deadline: float
+    last_seen: float  # the clock's time of the last sign of life
+    period: float = 0.0  # > 0: signs of life due every `period` s (legacy hellos); 0: a stream
+    open: bool = True  # a stream: open, or broken (its files wait for the TTL)
+
+
+class Presence(NamedTuple):
+    """What is known of a watcher's link: its protocol, whether it is up, when it was heard."""
+
+    protocol: str
+    connected: bool
+    last_seen: float  # on the clock passed to Liveness
 
 
 class Liveness:
@@ -25,24 +41,28 @@ class Liveness:
         self.ttl = ttl
         self._nodes: dict[str, _State] = {}
 
-    def seen(self, node: str, protocol: str, now: float, at_least: float = 0.0) -> None:
-        """A stream opened, or a periodic sign of life (legacy hello).
+    def seen(
+        self, node: str, protocol: str, now: float, at_least: float = 0.0, period: float = 0.0
+    ) -> None:
+        """A stream opened, or a periodic sign of life (legacy hello, due every `period` s).
 
         The deadline becomes `now` plus the TTL, or plus `at_least` if longer.
         """
-        self._nodes[node] = _State(protocol, now + max(self.ttl, at_least))
+        self._nodes[node] = _State(protocol, now + max(self.ttl, at_least), now, period)
 
     def heard(self, node: str, now: float) -> None:
         """A message on the node's open stream: the deadline moves on (hot path)."""
         state = self._nodes.get(node)
         if state is not None:
             state.deadline = now + self.ttl
+            state.last_seen = now
 
     def vanished(self, node: str, now: float) -> None:
         """The stream broke without a goodbye: the files go at now + ttl."""
         state = self._nodes.get(node)
         if state is not None:
             state.deadline = now + self.ttl
+            state.open = False
 
     def forget(self, node: str) -> None:
         """The watcher said goodbye or was evicted."""
@@ -59,6 +79,21 @@ class Liveness:
         """The protocol of a known node, or None."""
         state = self._nodes.get(node)
         return state.protocol if state else None
+
+    def presence(self, node: str, now: float) -> Presence | None:
+        """A known node's link, or None: connected while its stream is open or its hellos come.
+
+        A periodic watcher is lost once `LATE_PERIODS` periods pass without a sign
+        of life; a streaming one once its stream breaks.
+        """
+        state = self._nodes.get(node)
+        if state is None:
+            return None
+        if state.period > 0:
+            connected = now - state.last_seen <= LATE_PERIODS * state.period
+        else:
+            connected = state.open
+        return Presence(state.protocol, connected, state.last_seen)
 
     def count_by_protocol(self) -> dict[str, int]:
         """Watchers known now, by protocol (connected or within their TTL)."""

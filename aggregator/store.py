@@ -2,8 +2,8 @@
 
 One `Store` per aggregator, used only from the event loop. Both ingestion
 adapters (gRPC and legacy HTTP) call the same methods, so the core stays
-protocol-neutral. Readers (WatchFiles) subscribe with a bounded queue and are
-dropped, never buffered without end, when they fall behind.
+protocol-neutral. Readers (WatchFiles, /files/events) subscribe with a bounded
+queue and are dropped, never buffered without end, when they fall behind.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class EventQueue:
 
 
 class Subscriber:
-    """One WatchFiles reader: its unread events; None in them means closed.
+    """One reader (WatchFiles, an event stream): its unread events; None in them means closed.
 
     `cursor` is where the reader's list stands while it is being sent: the key
     of the last entry it read from the index (b"" before the first page), or
@@ -192,6 +192,7 @@ class Store:
         self._reader_queue = reader_queue
         self._history: deque[Event] = deque(maxlen=history)
         self._subscribers: set[Subscriber] = set()
+        self._streams: set[Subscriber] = set()  # HTTP event streams: bounded by their handler
         # node -> its (sequence_behind, last_seen) children: `labels()` costs more
         # than the `set()` itself, and every heartbeat sets both.
         self._position_gauges: dict[str, tuple[Gauge, Gauge]] = {}
@@ -302,22 +303,32 @@ class Store:
             return
         if self._history.maxlen:  # only what it keeps: the events of an AddedRun are made lazily
             self._history.extend(events[-self._history.maxlen :])
-        for sub in self._subscribers:
-            if sub.reason is not None:  # dropped or closed: its call is ending
-                continue
-            if sub.queue.qsize() >= sub.maxsize:  # `maxsize` events unread: too slow
-                self.drop(sub, "reader too slow: its queue of events is full")
-                continue
-            sub.queue.put_many(events, sub.cursor)
+        for readers in (self._subscribers, self._streams):
+            for sub in readers:
+                if sub.reason is not None:  # dropped or closed: its call is ending
+                    continue
+                if sub.queue.qsize() >= sub.maxsize:  # `maxsize` events unread: too slow
+                    self.drop(sub, "reader too slow: its queue of events is full")
+                    continue
+                sub.queue.put_many(events, sub.cursor)
 
     def drop(self, sub: Subscriber, reason: str) -> None:
         """End a reader that does not keep up (counted); it stays a reader until unsubscribed."""
         if sub.reason is None:
-            self.metrics.readers_dropped.inc()
+            m = self.metrics
+            (m.event_clients_dropped if sub in self._streams else m.readers_dropped).inc()
             sub.close(reason, slow=True)
 
-    def subscribe(self) -> Subscriber:
-        """Register a reader; events published from now on reach its queue."""
+    def subscribe(self, *, stream: bool = False) -> Subscriber:
+        """Register a reader; events published from now on reach its queue.
+
+        A WatchFiles reader counts under `max_readers`; an HTTP event stream
+        (`stream`) does not: its handler keeps a limit of its own.
+        """
+        if stream:
+            sub = Subscriber(self._reader_queue)
+            self._streams.add(sub)
+            return sub
         if len(self._subscribers) >= self._max_readers:
             raise LimitExceededError(f"at most {self._max_readers} WatchFiles readers at once")
         sub = Subscriber(self._reader_queue)
@@ -327,6 +338,7 @@ class Store:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """Forget a reader (idempotent)."""
+        self._streams.discard(sub)
         self._subscribers.discard(sub)
         self.metrics.readers.set(len(self._subscribers))
 
@@ -341,5 +353,5 @@ class Store:
 
     def close_readers(self, reason: str) -> None:
         """End every reader (shutdown); each counts until its handler unsubscribes."""
-        for sub in self._subscribers:
+        for sub in (*self._subscribers, *self._streams):
             sub.close(reason)

@@ -84,6 +84,14 @@ class Metrics:
         self.readers_dropped = Counter(
             "filewatch_watch_readers_dropped", "WatchFiles readers dropped as slow", registry=r
         )
+        self.event_clients = Gauge(
+            "filewatch_event_clients", "GET /files/events clients", registry=r
+        )
+        self.event_clients_dropped = Counter(
+            "filewatch_event_clients_dropped",
+            "GET /files/events clients dropped as slow",
+            registry=r,
+        )
         self.grpc_requests = Counter(
             "filewatch_grpc_requests", "gRPC calls, by method and code", ["method", "code"],
             registry=r,
