@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN := .run
 AGGREGATOR_ADDRESS ?= grpc://127.0.0.1:50051
 
-.PHONY: help install proto check-proto fmt lint test run stop bench soak clean tools check-observability observe
+.PHONY: help install proto check-proto fmt lint test run stop bench soak clean tools check-observability observe browser
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 24
@@ -43,11 +43,17 @@ lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict
 tools:
 	bash observability/install-tools.sh
 
+# Debian's chromium + chromium-driver for the live page's browser tests (apt-get, when
+# missing). If they cannot be installed, the browser tests skip and say why.
+browser:
+	@bash scripts/install-browser.sh || echo "make browser: Chromium could not be installed;" \
+		"the live page's browser tests will be skipped" >&2
+
 # promtool check config / check rules / test rules, and the dashboard's JSON.
 check-observability: tools
 	bash observability/check.sh
 
-test: $(STAMP) check-proto lint check-observability ## the whole suite (what CI runs)
+test: $(STAMP) check-proto lint check-observability browser ## the whole suite (what CI runs)
 	$(PY) -m pytest
 
 # Prometheus on 127.0.0.1:9090 scraping `make run` (foreground; Ctrl-C stops it).

@@ -36,6 +36,7 @@
     watchersNote: $("watchers-note"),
     watchersCount: $("watchers-count"),
     tz: $("tz"),
+    table: $("table"),
   };
 
   // ------------------------------------------------------------ ordering
@@ -214,6 +215,7 @@
       document.body.dataset.conn = state;
     }
     el.stateDetail.textContent = why || STATES[state];
+    updateTitle();
   }
 
   function closeSource() {
@@ -424,6 +426,10 @@
       c.time.dateTime = entry.modified || "";
       c.time.title = entry.modified || "time not reported";
     }
+    if (row._index !== index) {
+      row._index = index;
+      row.setAttribute("aria-rowindex", String(index + 2)); // the header is row 1
+    }
     const odd = (index & 1) === 1;
     if (row._odd !== odd) {
       row._odd = odd;
@@ -480,6 +486,15 @@
     el.count.title = `index version ${version}`;
     el.shown.textContent = query ? `${grouped(view.length)} of ${grouped(all)} shown` : "";
     el.shown.dataset.count = String(view.length);
+    el.table.setAttribute("aria-rowcount", String(view.length + 1));
+    updateTitle();
+  }
+
+  // The tab says it too: "filewatch: 4 files", "(reconnecting) filewatch: 4 files".
+  function updateTitle() {
+    const all = painted ? `: ${grouped(files.length)} ${files.length === 1 ? "file" : "files"}` : "";
+    const title = `${conn && conn !== "live" ? `(${conn}) ` : ""}filewatch${all}`;
+    if (document.title !== title) document.title = title;
   }
 
   // First paint: the first rows and the count are on screen (two frames after
@@ -553,6 +568,8 @@
     el.watchers.parentElement.classList.remove("stale");
   }
 
+  let watchersAt = null; // when /watchers was last read
+
   async function pollWatchers() {
     try {
       const resp = await fetch("/watchers", {
@@ -562,8 +579,10 @@
       if (!resp.ok) throw new Error(`GET /watchers answered ${resp.status}`);
       const body = await resp.json();
       renderWatchers(Array.isArray(body.watchers) ? body.watchers : []);
+      watchersAt = new Date();
     } catch (err) {
-      el.watchersNote.textContent = `Cannot read the watchers: ${err.message || err}`;
+      const asOf = watchersAt ? `; shown as of ${formatTime(watchersAt.toISOString())}` : "";
+      el.watchersNote.textContent = `Cannot read /watchers (${err.message || err})${asOf}`;
       el.watchersNote.classList.add("error");
       el.watchers.parentElement.classList.add("stale");
     } finally {
