@@ -63,21 +63,24 @@ def resume_point(request: web.Request) -> int | None:
 
     EventSource reconnects to the URL it was given, `?since=` included, with
     the id of the last event it got in `Last-Event-ID`: the header is newer.
-    An empty `Last-Event-ID` says that there is no last event id.
+    An empty `Last-Event-ID` says that there is no last event id. Both are
+    checked: a malformed one is a 400 even when the other would win.
     """
-    for name, value in (
-        ("header Last-Event-ID", request.headers.get("Last-Event-ID") or None),
-        ("query parameter 'since'", request.query.get("since")),
-    ):
-        if value is None:
-            continue
-        if value.isascii() and value.isdigit():
-            try:
-                return int(value)
-            except ValueError:  # more digits than int() takes: no version is that large
-                pass
-        raise InvalidInputError(f"{name} must be a non-negative integer (an index version)")
-    return None
+    header = _version("header Last-Event-ID", request.headers.get("Last-Event-ID") or None)
+    since = _version("query parameter 'since'", request.query.get("since"))
+    return since if header is None else header
+
+
+def _version(name: str, value: str | None) -> int | None:
+    """An index version as a client spells it, None if absent; InvalidInputError if malformed."""
+    if value is None:
+        return None
+    if value.isascii() and value.isdigit():
+        try:
+            return int(value)
+        except ValueError:  # more digits than int() takes: no version is that large
+            pass
+    raise InvalidInputError(f"{name} must be a non-negative integer (an index version)")
 
 
 @dataclass(eq=False, slots=True)

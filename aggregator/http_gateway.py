@@ -30,6 +30,7 @@ from aggregator.errors import (
     UnauthenticatedError,
 )
 from aggregator.http_events import EventStreams
+from aggregator.http_openapi import add_openapi_route
 from aggregator.http_page import add_page_routes
 from aggregator.http_watchers import add_watchers_route
 from aggregator.index import Entry, Index, Key, entry_of, key_filename
@@ -157,11 +158,15 @@ class FilesBodies:
 BODIES: web.AppKey[FilesBodies] = web.AppKey("bodies", FilesBodies)
 
 
-def problem(status: int, title: str, detail: str, instance: str) -> web.Response:
+def problem(
+    status: int, title: str, detail: str, instance: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """An RFC 9457 problem response."""
     payload = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     payload["instance"] = instance
-    return web.Response(status=status, body=orjson.dumps(payload), content_type=PROBLEM_TYPE)
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type=PROBLEM_TYPE, headers=headers
+    )
 
 
 _ERROR_STATUS: dict[type[AggregatorError], int] = {
@@ -189,7 +194,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 413:
             metrics.rejected.labels(route_name, "body_too_large").inc()
         log.warning("http_error", path=request.path, method=request.method, status=exc.status)
-        response = problem(exc.status, exc.reason, exc.text or exc.reason, request.path)
+        detail, headers = exc.text or exc.reason, None
+        if isinstance(exc, web.HTTPMethodNotAllowed):  # the methods it does take, as a 405 must
+            headers = {"Allow": exc.headers["Allow"]}
+            detail = f"{request.method} is not allowed here; allowed: {exc.headers['Allow']}"
+        response = problem(exc.status, exc.reason, detail, request.path, headers)
     except AggregatorError as err:
         status = next((code for cls, code in _ERROR_STATUS.items() if isinstance(err, cls)), 400)
         metrics.rejected.labels(route_name, type(err).__name__).inc()
@@ -232,8 +241,17 @@ def tracing_middleware(tracer: Tracer) -> Middleware:
     return middleware
 
 
-def _truthy(value: str | None) -> bool:
-    return value is not None and value.lower() in ("1", "true", "yes", "on")
+_DETAIL = {"0": False, "false": False, "1": True, "true": True}
+
+
+def _detail(request: web.Request) -> bool:
+    """The `detail` query parameter: absent, 0, 1, true or false; anything else is a 400."""
+    value = request.query.get("detail")
+    if value is None:
+        return False
+    if value not in _DETAIL:
+        raise web.HTTPBadRequest(text="query parameter 'detail' must be 0, 1, true or false")
+    return _DETAIL[value]
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
@@ -253,7 +271,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
 async def get_files(request: web.Request) -> web.StreamResponse:
     """GET /files/: every file of every watcher, sorted by name then watcher."""
     bodies = request.app[BODIES]
-    body = bodies.get(_truthy(request.query.get("detail")))
+    body = bodies.get(_detail(request))
     headers = {"ETag": body.etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
     if_none_match = request.headers.get("If-None-Match", "")
     if if_none_match.strip() == "*" or body.etag in if_none_match:
@@ -308,6 +326,7 @@ def make_app(
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/metrics", get_metrics)
     add_page_routes(app)
+    add_openapi_route(app)
     if legacy is not None:
         add_routes(app, *legacy)
     metrics.declare_routes({r.resource.canonical for r in app.router.routes() if r.resource})

@@ -96,8 +96,20 @@ async def _revalidate_static(request: web.Request, response: web.StreamResponse)
         response.headers["X-Content-Type-Options"] = "nosniff"
 
 
+_ASSETS = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
+"""The page's files by name: nothing else is served under /static/."""
+
+
+async def get_asset(request: web.Request) -> web.StreamResponse:
+    """GET /static/{filename}: one of the page's files; any other name is a 404 problem."""
+    path = _ASSETS.get(request.match_info["filename"])
+    if path is None:
+        raise web.HTTPNotFound(text="the page has no file of that name")
+    return web.FileResponse(path)
+
+
 def add_page_routes(app: web.Application) -> None:
     """`GET /` and the page's assets under `/static/`."""
     app.router.add_get("/", get_root)
-    app.router.add_static("/static/", STATIC_DIR, name="static", follow_symlinks=False)
+    app.router.add_get("/static/{filename}", get_asset, name="static")
     app.on_response_prepare.append(_revalidate_static)

@@ -31,10 +31,16 @@ log = structlog.get_logger(__name__)
 LEGACY: web.AppKey[LegacyIngest] = web.AppKey("legacy", LegacyIngest)
 _LEGACY_OPS = {"add": Op.ADD, "remove": Op.REMOVE}
 _MAX_INSTANCE = 128
+_MAX_SEQNO = 2**64 - 1
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _integer(value: object) -> int | None:
+    """An integer JSON number, or None: 7, and 7.0 too (the same number in JSON), not true."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _instance(obj: dict[str, Any], where: str) -> str:
@@ -70,10 +76,10 @@ def parse_hello(body: bytes) -> tuple[str, int]:
     if not isinstance(obj, dict):
         raise InvalidInputError("hello: body must be a JSON object")
     instance = _instance(obj, "hello")
-    port = obj.get("port")
-    if not _is_int(port) or not 1 <= port <= 65535:  # type: ignore[operator]
+    port = _integer(obj.get("port"))
+    if port is None or not 1 <= port <= 65535:
         raise InvalidInputError("hello: 'port' must be an integer from 1 to 65535")
-    return instance, port  # type: ignore[return-value]
+    return instance, port
 
 
 def parse_bye(body: bytes) -> str:
@@ -108,10 +114,10 @@ def parse_patch(body: bytes) -> list[LegacyOp]:
             name = decode_filename(value["filename"])
         except InvalidInputError as err:
             raise InvalidInputError(f"{where}: {err}") from err
-        seqno = item.get("seqno")
-        if not _is_int(seqno) or seqno < 0:  # type: ignore[operator]
-            raise InvalidInputError(f"{where}: 'seqno' must be a non-negative integer")
-        ops.append(LegacyOp(instance, op, name, seqno))  # type: ignore[arg-type]
+        seqno = _integer(item.get("seqno"))
+        if seqno is None or not 0 <= seqno <= _MAX_SEQNO:
+            raise InvalidInputError(f"{where}: 'seqno' must be an integer from 0 to 2**64-1")
+        ops.append(LegacyOp(instance, op, name, seqno))
     return ops
 
 
@@ -121,9 +127,9 @@ def parse_list(body: bytes, metrics: Metrics | None = None) -> LegacyList:
     if not isinstance(obj, dict):
         raise InvalidInputError("list: body must be a JSON object")
     instance = _instance(obj, "list")
-    seqno = obj.get("seqno")
-    if not _is_int(seqno) or seqno < 0:  # type: ignore[operator]
-        raise InvalidInputError("list: 'seqno' must be a non-negative integer")
+    seqno = _integer(obj.get("seqno"))
+    if seqno is None or not 0 <= seqno <= _MAX_SEQNO:
+        raise InvalidInputError("list: 'seqno' must be an integer from 0 to 2**64-1")
     files = obj.get("files")
     if files is None:
         files = []  # a Go nil slice encodes as null
@@ -139,7 +145,7 @@ def parse_list(body: bytes, metrics: Metrics | None = None) -> LegacyList:
         except InvalidInputError:
             if metrics is not None:
                 metrics.errors.labels("legacy_list_bad_name").inc()
-    return LegacyList(instance, tuple(names), seqno)  # type: ignore[arg-type]
+    return LegacyList(instance, tuple(names), seqno)
 
 
 class ListFetcher:

@@ -11,16 +11,24 @@
   listeners) closes a connection at once when the runner already has `limit`
   open, on all its listeners together, and counts and logs the refusals (one log
   line per `log_every` seconds at most, with the number refused since the last one).
+- A request aiohttp's parser cannot take (`ProblemRequestHandler`) is answered
+  as `application/problem+json` that never echoes what was sent: 414 for a URL
+  over `MAX_URL_BYTES`, 431 for a header over `MAX_HEADER_BYTES` or more than
+  `MAX_HEADERS` headers, 400 for anything else malformed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import cast
 
 import structlog
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 log = structlog.get_logger(__name__)
@@ -29,9 +37,118 @@ REFUSED_LOG_EVERY = 10.0
 """Seconds between two log lines about refused connections, at most."""
 
 
+MAX_URL_BYTES = 8190
+"""Longest request target (path and query) taken; 414 beyond."""
+MAX_HEADER_BYTES = 8192
+"""Longest header value (and, with its value, name) taken; 431 beyond. It differs from
+MAX_URL_BYTES on purpose: the parser's LineTooLong names only the limit it crossed."""
+MAX_HEADERS = 128
+"""Most headers in one request; 431 beyond."""
+
+_MALFORMED: dict[type[Exception], str] = {
+    http_exceptions.BadHttpMethod: "the request line's method is not an HTTP method",
+    http_exceptions.BadStatusLine: "the request line is malformed",
+    http_exceptions.InvalidURLError: "the request target is not a valid URL",
+    http_exceptions.InvalidHeader: "a header is malformed",
+    http_exceptions.ContentLengthError: "the body does not match its Content-Length",
+    http_exceptions.TransferEncodingError: "the body's transfer encoding is malformed",
+}
+
+
+def _parse_problem(exc: BaseException, url_limit: int) -> tuple[int, str]:
+    """The status and detail of a request the parser refused (nothing of the input in them)."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        if exc.args[1:2] == (url_limit,):
+            return 414, f"the request target is longer than {url_limit} bytes"
+        return 431, f"a header is longer than {MAX_HEADER_BYTES} bytes"
+    if isinstance(exc, http_exceptions.BadHttpMessage) and "Too many headers" in exc.message:
+        return 431, f"more than {MAX_HEADERS} headers"
+    for cls in type(exc).__mro__:
+        if cls in _MALFORMED:
+            return 400, _MALFORMED[cls]
+    return 400, "the request is not well-formed HTTP/1.1"
+
+
+class ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, whose own error answers are problem+json.
+
+    aiohttp answers what its parser refuses (and a handler that failed past the
+    application's middlewares) itself, as plain text that quotes the input; this
+    answers the same cases with an RFC 9457 body that quotes nothing.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The answer to a request that cannot be handled; the connection closes after it."""
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            status, detail = _parse_problem(exc, self.max_line_size)
+            # Not HTTP at all (TLS on the plain port, a scanner) is the noise of the internet.
+            quiet = isinstance(exc, http_exceptions.BadHttpMethod)
+            (log.debug if quiet else log.warning)(
+                "http_malformed_request", status=status, error=type(exc).__name__,
+                peer=request.remote,
+            )  # fmt: skip
+        else:
+            detail = "unexpected error; see the log"
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was partly sent: no error answer can follow it")
+        try:
+            title = HTTPStatus(status).phrase
+        except ValueError:
+            title = "Error"
+        body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+        response = web.Response(
+            status=status,
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            content_type="application/problem+json",
+        )
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    """aiohttp's Server, whose connections are `ProblemRequestHandler`s."""
+
+    def __call__(self) -> RequestHandler:
+        return ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner serving its application through a `_ProblemServer`."""
+
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # the application's startup, then its Server
+        return _ProblemServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+
+
 def make_runner(app: web.Application, idle_timeout: float) -> web.AppRunner:
-    """An AppRunner whose connections close after `idle_timeout` s without a complete request."""
-    return web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=idle_timeout)
+    """An AppRunner whose connections close after `idle_timeout` s without a complete request,
+    and whose parser errors are answered as problem+json (`ProblemRequestHandler`)."""
+    return _Runner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=idle_timeout,
+        max_line_size=MAX_URL_BYTES,
+        max_field_size=MAX_HEADER_BYTES,
+        max_headers=MAX_HEADERS,
+    )
 
 
 class _Gate(asyncio.Protocol):

@@ -357,6 +357,7 @@ async def test_a_resume_point_the_history_no_longer_reaches_gets_a_reset(
         ("", {"Last-Event-ID": "7 8"}, "Last-Event-ID"),
         ("?since=1", {"Last-Event-ID": "nope"}, "Last-Event-ID"),
         ("?since=x", {"Last-Event-ID": ""}, "'since'"),  # an empty id: none
+        ("?since=-1", {"Last-Event-ID": "7"}, "'since'"),  # checked though the header wins
     ],
 )
 async def test_a_malformed_resume_point_is_a_400_problem_naming_it(

@@ -319,6 +319,9 @@ U64_MAX = 2**64 - 1
 
 
 def _is_int(value: object) -> bool:
+    """An integer JSON number: 7, or 7.0 (JSON's same number), never true."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
