@@ -211,6 +211,26 @@ def test_the_page_follows_every_change_without_a_reload(
     assert browser.state()["marker"], "the page was reloaded"
 
 
+def test_a_killed_watcher_is_shown_lost_then_its_files_go(
+    browser: Browser, start_cluster: ClusterFactory
+) -> None:
+    cluster: Cluster = start_cluster(ttl=2.0)
+    agg, w2 = cluster.aggregator, cluster.watcher2
+    browser.open(f"{agg.http_url}/")
+    wait_shown(browser, expected_rows(agg.detail()), "the sample files")
+    w2.proc.kill()
+    wait_watcher(browser, w2.node, "watcher2 lost", state="lost")
+    # Once its TTL has run out, its files go from the page, and it from the panel.
+    wait_shown(browser, ["cats.txt", "dogs.txt"], "watcher2's files gone")
+    wait_for(
+        lambda: watcher_row(browser, w2.node),
+        SHOWN_TIMEOUT,
+        until=lambda row: row is None,
+        what="watcher2 gone from the panel",
+    )
+    assert browser.state()["count"] == "2"
+
+
 # ---------------------------------------------------------------- 100,000 files
 
 
