@@ -25,7 +25,9 @@ import enum
 import os
 import queue
 import random
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -848,6 +850,33 @@ def channels() -> Iterator[Callable[[str], grpc.Channel]]:
     yield make
     for channel in made:
         channel.close()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder outside the (root-only) pytest tmp tree, readable by an unprivileged user."""
+    path = Path(tempfile.mkdtemp(prefix="filewatch-faults-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for sub in path.iterdir():
+            sub.chmod(0o755)
+        shutil.rmtree(path)
+
+
+def without_root_bypass() -> tuple[str, ...]:
+    """A command prefix under which file permissions hold, even for root.
+
+    Root reads anything: run as root without the capabilities that bypass file
+    permissions (it can still read the project, which root owns). Skips the test
+    when running as root without setpriv; empty when not root.
+    """
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot take a folder out of reach")
+    return ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
 
 
 # ---------------------------------------------------------------- reporting

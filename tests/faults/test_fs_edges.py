@@ -28,6 +28,7 @@ from tests.faults.conftest import (
     fill,
     folder_names,
     wait_listed,
+    without_root_bypass,
 )
 from tests.paths import deep_folder
 from tests.support import http_request, wait_for
@@ -175,28 +176,11 @@ def test_a_folder_path_over_path_max_is_refused_clearly(
 # ---------------------------------------------------------------- out of reach, not missing
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder outside the (root-only) pytest tmp tree, readable by an unprivileged user."""
-    path = Path(tempfile.mkdtemp(prefix="filewatch-reach-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        for sub in path.iterdir():
-            sub.chmod(0o755)
-        shutil.rmtree(path)
-
-
 @pytest.mark.timeout(60)
 def test_a_folder_whose_parent_is_out_of_reach_is_not_reported_missing(
     start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, shared_dir: Path
 ) -> None:
-    prefix: tuple[str, ...] = ()
-    if os.geteuid() == 0:  # root reaches anything: drop the capabilities that bypass modes
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot make a folder unreachable")
-        prefix = ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
+    prefix = without_root_bypass()
     parent = shared_dir / "parent"
     folder = parent / "w"
     fill(folder, 5)

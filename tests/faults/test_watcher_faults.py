@@ -21,9 +21,7 @@ import os
 import shutil
 import signal
 import stat
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ from tests.faults.conftest import (
     fill,
     measured,
     wait_listed,
+    without_root_bypass,
 )
 from tests.support import wait_for
 
@@ -235,31 +234,11 @@ def test_a_replaced_folder_is_followed_and_the_old_one_forgotten(
     assert "in-the-old-folder.txt" not in agg.node_files("w")
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder outside the (root-only) pytest tmp tree, readable by an unprivileged user."""
-    path = Path(tempfile.mkdtemp(prefix="filewatch-faults-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        for sub in path.iterdir():
-            sub.chmod(0o755)
-        shutil.rmtree(path)
-
-
 @pytest.mark.timeout(60)
 def test_an_unreadable_folder_is_reported_and_recovered(
     start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, shared_dir: Path
 ) -> None:
-    prefix: tuple[str, ...] = ()
-    if os.geteuid() == 0:
-        # Root reads anything: run the watcher as root without the capabilities
-        # that bypass file permissions (it can still read the project, which
-        # root owns, wherever the checkout lives).
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot make a folder unreadable")
-        prefix = ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
+    prefix = without_root_bypass()
     folder = shared_dir / "w"
     fill(folder, 10)
     folder.chmod(0o755)
