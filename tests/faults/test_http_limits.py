@@ -104,11 +104,14 @@ def _refused(port: int) -> bool:
 def test_half_sent_requests_are_closed_at_the_idle_timeout(
     start_aggregator: AggregatorFactory, half_open: list[HalfOpen]
 ) -> None:
-    idle = 1.0
+    idle = 2.0
     agg = start_aggregator("--http-idle-timeout", str(idle))
     conns = _open(half_open, agg.http_port, 300)
     trickler = conns[0]
-    assert len(_still_open(conns)) == 300  # accepted and held, as in the trial
+    # Accepted and held, as in the trial: every connection younger than the idle
+    # timeout is still open (on a loaded machine opening 300 can take a while).
+    young = [c for c in conns if time.monotonic() - c.opened < idle - 0.2]
+    assert young and len(_still_open(young)) == len(young)
 
     def open_after_a_trickle() -> int:
         trickler.trickle()
@@ -121,8 +124,8 @@ def test_half_sent_requests_are_closed_at_the_idle_timeout(
         what="the server to close every half-sent request",
     )
     shortest, longest = _lifetimes(conns)
-    measured("300 half-sent requests, idle timeout 1 s: shortest life", shortest)
-    measured("300 half-sent requests, idle timeout 1 s: longest life", longest)
+    measured("300 half-sent requests, idle timeout 2 s: shortest life", shortest)
+    measured("300 half-sent requests, idle timeout 2 s: longest life", longest)
     assert shortest >= idle - 0.05, "closed before the idle timeout"
     assert trickler.closed_at is not None and trickler.closed_at - trickler.opened < idle + 1
     assert agg.files() == []  # the server is fine: a whole request is answered
