@@ -57,6 +57,7 @@ class Watcher:
             self.metrics,
             rescan_interval=config.rescan_interval,
             check_interval=config.folder_check_interval,
+            observer=config.observer,
         )
         r = self.registry
         # Not filewatch_watcher_files: the aggregator exports that name (files per

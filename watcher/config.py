@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.flags import CREDENTIAL_FILE_HELP, CREDENTIAL_HELP, add_config_flag, resolve_token
+from watcher.observers import KINDS
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class WatcherConfig:
     """Shared ingestion token, if the aggregator requires one."""
     token_file: str = ""
     """File the token was read from (from_args puts its content in `token`)."""
+    observer: str = "auto"
+    """What follows the folder: inotify (read in the event loop, Linux), watchdog (its
+    observer thread, any platform), or auto (inotify on Linux, else watchdog)."""
     rescan_interval: float = 30.0
     """Seconds between full rescans that repair missed events (jittered); 0: never."""
     hello_interval: float = 5.0
@@ -140,6 +144,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--name", help="watcher name (default HOSTNAME:PORT)")
     opt("--token", help=CREDENTIAL_HELP)
     opt("--token-file", help=CREDENTIAL_FILE_HELP, metavar="PATH")
+    opt(
+        "--observer",
+        help="what follows the folder: inotify (Linux, in the event loop), watchdog (a thread, "
+        "any platform), auto (inotify on Linux)",
+        choices=KINDS,
+    )
     opt("--rescan-interval", help="seconds between repair rescans, 0 = never")
     opt("--hello-interval", help="seconds between legacy hellos")
     opt("--folder-check-interval", help="seconds between folder/observer checks")

@@ -18,7 +18,7 @@ import time
 import structlog
 
 from watcher.errors import FolderError
-from watcher.fs_events import FolderObserver, Observation
+from watcher.observers import Observation, Observer, make_observer
 from watcher.scanner import folder_identity, scan_folder, stat_names
 from watcher.state import FolderState
 from watcher.telemetry import WatcherMetrics
@@ -42,6 +42,7 @@ class FolderWatch:
         wake: set whenever the state has new changes.
         rescan_interval: seconds between rescans (jittered); 0 for none.
         check_interval: seconds between checks of the folder's identity.
+        observer: which observer follows the folder (`watcher.observers.KINDS`).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class FolderWatch:
         *,
         rescan_interval: float,
         check_interval: float,
+        observer: str = "auto",
     ) -> None:
         self.path = path
         self.state = state
@@ -61,7 +63,9 @@ class FolderWatch:
         self.metrics = metrics
         self._rescan_interval = rescan_interval
         self._check_interval = check_interval
-        self._observer: FolderObserver | None = None
+        self._observer_kind = observer
+        self._observer: Observer | None = None
+        self._rescan_now = asyncio.Event()  # the kernel dropped events: rescan at once
         self._ident: tuple[int, int] | None = None
         self._check_failure: str | None = None  # why the folder is out of reach, if it is
 
@@ -74,7 +78,13 @@ class FolderWatch:
 
         Returns the seconds the scan took.
         """
-        self._observer = FolderObserver(self.path, asyncio.get_running_loop(), self.observe)
+        self._observer = make_observer(
+            self._observer_kind,
+            self.path,
+            asyncio.get_running_loop(),
+            self.observe,
+            self._rescan_now.set,
+        )
         self._observer.start()
         started = time.perf_counter()
         await self._scan()
@@ -138,15 +148,20 @@ class FolderWatch:
             log.warning("rescan_repaired", changes=changed)
 
     async def rescan_loop(self, stop: asyncio.Event) -> None:
-        """Rescan every interval (jittered by 20%) until `stop`; not while the folder is missing."""
+        """Rescan every interval (jittered by 20%), and at once when the observer lost
+        events, until `stop`; not while the folder is missing."""
         interval = self._rescan_interval
-        if interval <= 0:
-            await stop.wait()
-            return
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
+            wait = interval * random.uniform(0.8, 1.2) if interval > 0 else None
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, self._rescan_now)]
+            try:
+                await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            if stop.is_set():
                 return
+            self._rescan_now.clear()
             if self.status is not FolderStatus.MISSING:
                 await self._checked_scan()
 

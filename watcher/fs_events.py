@@ -18,7 +18,6 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
 
 from watchdog.events import (
     FileAttribEvent,
@@ -32,10 +31,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from watcher.scanner import FileStat, open_folder, stat_at
-
-Observation = list[tuple[bytes, FileStat | None]]
-Sink = Callable[[Observation, int], None]
+from watcher.observers import Sink
+from watcher.scanner import open_folder, stat_at
 
 # The events that can change which regular files exist or their size and mtime.
 # Watchdog builds the inotify mask from them, so the kernel does not even queue

@@ -3,12 +3,14 @@
 How each fault is made real:
 - dropped events: the watcher is stopped (SIGSTOP) while enough files are
   written to overflow the kernel's inotify queue (16,384 events by default,
-  so ~10,000 files): the kernel drops events and watchdog logs the overflow. Also a
+  so ~10,000 files): the kernel drops events and the observer logs the overflow. Also a
   file modified through a hard link outside the folder, which inotify on the
   folder never reports.
-- a dead observer thread: the watcher runs under a `python -c` shim that makes
-  watchdog's handler raise once (on a file named kill-observer), which ends
-  watchdog's dispatch thread exactly as any unexpected exception would.
+- a dead observer: the watcher runs under a `python -c` shim that makes the
+  observer raise once (on a file named kill-observer): watchdog's handler, which
+  ends watchdog's dispatch thread, or the in-loop inotify observer's stat, which
+  ends that observer, exactly as any unexpected exception would.
+Every test runs with each observer (`--observer inotify` and `watchdog`).
 - the folder deleted, replaced (an atomic exchange with another folder, as a
   deployment would do) or unreadable (chmod 000, the watcher running as an
   unprivileged user when the tests run as root).
@@ -47,20 +49,35 @@ QUIET_RESCAN = ("--rescan-interval", "120")
 OBSERVER_KILLER = """
 import runpy, sys
 import watcher.fs_events as fs
+import watcher.inotify_events as ino
 
-_original = fs._Handler.on_any_event
 _fired = []
 
-def on_any_event(self, event):
-    if not _fired and "kill-observer" in str(event.src_path):
+def _kill_once(name):
+    if not _fired and "kill-observer" in str(name):
         _fired.append(True)
-        raise RuntimeError("injected fault: the observer thread dies")
-    return _original(self, event)
+        raise RuntimeError("injected fault: the observer dies")
 
+_on_any_event = fs._Handler.on_any_event
+def on_any_event(self, event):
+    _kill_once(event.src_path)
+    return _on_any_event(self, event)
 fs._Handler.on_any_event = on_any_event
+
+_stat_at = ino.stat_at
+def stat_at(fd, name):
+    _kill_once(name)
+    return _stat_at(fd, name)
+ino.stat_at = stat_at
 sys.argv = ["watcher", *sys.argv[1:]]
 runpy.run_module("watcher", run_name="__main__", alter_sys=True)
 """
+
+
+@pytest.fixture(params=["inotify", "watchdog"])
+def observer(request: pytest.FixtureRequest) -> str:
+    """Each test runs with both observers."""
+    return str(request.param)
 
 
 def _inotify_queue_limit() -> int:
@@ -82,12 +99,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @pytest.mark.timeout(60)
 def test_events_dropped_by_the_kernel_are_repaired_by_the_rescan_logged_and_counted(
-    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+    start_aggregator: AggregatorFactory,
+    start_watcher: WatcherFactory,
+    tmp_path: Path,
+    observer: str,
 ) -> None:
     folder = tmp_path / "w"
     fill(folder, 10)
     agg = start_aggregator(ttl=30.0)
-    w = start_watcher(folder, agg.grpc_url, "--rescan-interval", "0.5", name="w")
+    w = start_watcher(
+        folder, agg.grpc_url, "--observer", observer, "--rescan-interval", "0.5", name="w"
+    )
     wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
     # At least 2 inotify events per file written (create, close): beyond the kernel's queue.
@@ -103,8 +125,9 @@ def test_events_dropped_by_the_kernel_are_repaired_by_the_rescan_logged_and_coun
     took = wait_listed(
         agg, "w", folder, what="the burst listed after the overflow", timeout=0.6 + SLACK + 10
     )
-    measured(f"inotify overflow ({burst} files, rescan 0.5 s) -> list repaired", took)
-    assert "Inotify queue overflowed" in w.proc.log_text(), "the kernel really dropped events"
+    measured(f"inotify overflow ({burst} files, {observer}) -> list repaired", took)
+    overflow_logged = {"watchdog": "Inotify queue overflowed", "inotify": "inotify_overflow"}
+    assert overflow_logged[observer] in w.proc.log_text(), "the kernel really dropped events"
     repaired = w.proc.wait_event("rescan_repaired", timeout=1.0)
     assert repaired["changes"] > 0
     assert w.metric("filewatch_watcher_rescan_changes_total") >= repaired["changes"]
@@ -127,7 +150,10 @@ def test_events_dropped_by_the_kernel_are_repaired_by_the_rescan_logged_and_coun
 
 @pytest.mark.timeout(60)
 def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
-    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+    start_aggregator: AggregatorFactory,
+    start_watcher: WatcherFactory,
+    tmp_path: Path,
+    observer: str,
 ) -> None:
     folder = tmp_path / "w"
     fill(folder, 10)
@@ -135,6 +161,7 @@ def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
     w = start_watcher(
         folder,
         agg.grpc_url,
+        "--observer", observer,
         *QUIET_RESCAN,
         "--folder-check-interval", str(CHECK),
         name="w",
@@ -145,15 +172,15 @@ def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
     died = time.monotonic()
     (folder / "kill-observer").write_text("boom")
     wait_for(
-        lambda: "injected fault: the observer thread dies" in w.proc.log_text(),
+        lambda: "injected fault: the observer dies" in w.proc.log_text(),
         5,
-        what="the observer thread to die",
+        what="the observer to die",
     )
     fill(folder, 20, "unseen")  # nobody watches now
     os.unlink(folder / "f00000.txt")
     w.proc.wait_event("observer_restarted", timeout=CHECK + SLACK)
     wait_listed(agg, "w", folder, what="what the dead observer missed", timeout=CHECK + SLACK)
-    measured("observer thread died -> restarted, list repaired", time.monotonic() - died)
+    measured(f"observer died ({observer}) -> restarted, list repaired", time.monotonic() - died)
     repaired = w.proc.wait_event("rescan_repaired", timeout=1.0)
     assert repaired["changes"] >= 21
     assert w.metric("filewatch_watcher_rescan_changes_total") >= 21
@@ -168,13 +195,23 @@ def test_a_dead_observer_is_restarted_and_what_it_missed_is_repaired(
 
 @pytest.mark.timeout(60)
 def test_a_deleted_folder_is_reported_and_followed_when_it_comes_back(
-    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+    start_aggregator: AggregatorFactory,
+    start_watcher: WatcherFactory,
+    tmp_path: Path,
+    observer: str,
 ) -> None:
     folder = tmp_path / "w"
     fill(folder, 20)
     agg = start_aggregator(ttl=30.0)
     w = start_watcher(
-        folder, agg.grpc_url, *QUIET_RESCAN, "--folder-check-interval", str(CHECK), name="w"
+        folder,
+        agg.grpc_url,
+        "--observer",
+        observer,
+        *QUIET_RESCAN,
+        "--folder-check-interval",
+        str(CHECK),
+        name="w",
     )
     wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
@@ -202,14 +239,24 @@ def test_a_deleted_folder_is_reported_and_followed_when_it_comes_back(
 
 @pytest.mark.timeout(60)
 def test_a_replaced_folder_is_followed_and_the_old_one_forgotten(
-    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, tmp_path: Path
+    start_aggregator: AggregatorFactory,
+    start_watcher: WatcherFactory,
+    tmp_path: Path,
+    observer: str,
 ) -> None:
     folder, other = tmp_path / "w", tmp_path / "replacement"
     fill(folder, 20)
     fill(other, 7, "replacement")
     agg = start_aggregator(ttl=30.0)
     w = start_watcher(
-        folder, agg.grpc_url, *QUIET_RESCAN, "--folder-check-interval", str(CHECK), name="w"
+        folder,
+        agg.grpc_url,
+        "--observer",
+        observer,
+        *QUIET_RESCAN,
+        "--folder-check-interval",
+        str(CHECK),
+        name="w",
     )
     wait_listed(agg, "w", folder, what="the folder listed", timeout=SYNC_TIMEOUT)
 
@@ -236,7 +283,10 @@ def test_a_replaced_folder_is_followed_and_the_old_one_forgotten(
 
 @pytest.mark.timeout(60)
 def test_an_unreadable_folder_is_reported_and_recovered(
-    start_aggregator: AggregatorFactory, start_watcher: WatcherFactory, shared_dir: Path
+    start_aggregator: AggregatorFactory,
+    start_watcher: WatcherFactory,
+    shared_dir: Path,
+    observer: str,
 ) -> None:
     prefix = without_root_bypass()
     folder = shared_dir / "w"
@@ -248,6 +298,7 @@ def test_an_unreadable_folder_is_reported_and_recovered(
     w: Watcher = start_watcher(
         folder,
         agg.grpc_url,
+        "--observer", observer,
         "--rescan-interval", "0.5",
         "--folder-check-interval", str(CHECK),
         name="w",

@@ -87,6 +87,7 @@ class Harness:
     aggregator: Aggregator
     grpc_port: int
     watchers: list[tuple[Watcher, asyncio.Event, asyncio.Task[None]]] = field(default_factory=list)
+    observer: str = "auto"
 
     @staticmethod
     def config(grpc_port: int = 0) -> AggregatorConfig:
@@ -102,6 +103,7 @@ class Harness:
             heartbeat_interval=0.2,
             reconnect_max=0.3,
             rescan_interval=0.3,
+            observer=self.observer,
         )
         return replace(base, **overrides)
 
@@ -163,13 +165,16 @@ class Harness:
         return listed
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    """A running aggregator; at teardown, watchers stop first, then the aggregator."""
+@pytest.fixture(params=["inotify", "watchdog"])
+async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """A running aggregator; at teardown, watchers stop first, then the aggregator.
+
+    Each test runs with both observers (`--observer`).
+    """
     aggregator = Aggregator(Harness.config())
     await aggregator.start()
     async with aiohttp.ClientSession() as session:
-        h = Harness(tmp_path, session, aggregator, aggregator.grpc_port)
+        h = Harness(tmp_path, session, aggregator, aggregator.grpc_port, observer=request.param)
         try:
             yield h
             for _, stop, _ in h.watchers:
