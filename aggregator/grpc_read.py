@@ -27,6 +27,9 @@ from gen import filewatch_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
+MAX_EVENTS_PER_MESSAGE = 1000
+"""The most changes sent together in one `events` message, whatever a reader asks."""
+
 _KINDS = {
     EventKind.ADDED: pb.FileEvent.KIND_ADDED,
     EventKind.REMOVED: pb.FileEvent.KIND_REMOVED,
@@ -159,9 +162,18 @@ class FileIndexService(pb_grpc.FileIndexServicer):
                 if not await self._send(context, sub, _event_to_pb(event)):
                     return
             del backlog
+        together = min(request.max_events_per_message, MAX_EVENTS_PER_MESSAGE)
         while True:
             item = await sub.queue.get()
-            if item is None or not await self._send(context, sub, _event_to_pb(item)):
+            if item is None:
+                return
+            if together <= 1:
+                if not await self._send(context, sub, _event_to_pb(item)):
+                    return
+                continue
+            events, ended = _waiting(sub, item, together)
+            message = pb.WatchFilesResponse(events=pb.FileEvents(events=events))
+            if not await self._send(context, sub, message) or ended:
                 return
 
     async def _send_list(self, context: grpc.aio.ServicerContext, sub: Subscriber) -> bool:
@@ -282,9 +294,26 @@ def _cut(page: tuple[Entry, ...], budget: int) -> tuple[Entry, ...]:
     return page
 
 
-def _event_to_pb(event: Event) -> pb.WatchFilesResponse:
-    return pb.WatchFilesResponse(
-        event=pb.FileEvent(
-            kind=_KINDS[event.kind], entry=entry_to_pb(event.entry), version=event.version
-        )
+def _file_event(event: Event) -> pb.FileEvent:
+    return pb.FileEvent(
+        kind=_KINDS[event.kind], entry=entry_to_pb(event.entry), version=event.version
     )
+
+
+def _event_to_pb(event: Event) -> pb.WatchFilesResponse:
+    return pb.WatchFilesResponse(event=_file_event(event))
+
+
+def _waiting(sub: Subscriber, first: Event, most: int) -> tuple[list[pb.FileEvent], bool]:
+    """`first` and the events queued behind it, up to `most`; and whether the end came."""
+    events = [_file_event(first)]
+    queue = sub.queue
+    while len(events) < most and not queue.empty():
+        try:
+            item = queue.get_nowait()
+        except asyncio.QueueEmpty:  # only skipped events were left
+            break
+        if item is None:
+            return events, True
+        events.append(_file_event(item))
+    return events, False

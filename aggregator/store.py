@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from opentelemetry.trace import SpanKind, Tracer
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from aggregator.errors import LimitExceededError
 from aggregator.index import (
@@ -196,6 +196,9 @@ class Store:
         # node -> its (sequence_behind, last_seen) children: `labels()` costs more
         # than the `set()` itself, and every heartbeat sets both.
         self._position_gauges: dict[str, tuple[Gauge, Gauge]] = {}
+        # The same for what every applied batch counts (fixed label sets).
+        self._change_counters = {k: metrics.changes.labels(v) for k, v in _OP_LABEL.items()}
+        self._lag_histograms: dict[str, Histogram] = {}
 
     # ------------------------------------------------------------ writing
 
@@ -245,7 +248,12 @@ class Store:
             self._applied(node, result.events)
             if observed_ns:
                 lag = max(0.0, (time.time_ns() - observed_ns) / 1e9)
-                self.metrics.sync_lag.labels(protocol).observe(lag)
+                histogram = self._lag_histograms.get(protocol)
+                if histogram is None:
+                    histogram = self._lag_histograms[protocol] = self.metrics.sync_lag.labels(
+                        protocol
+                    )
+                histogram.observe(lag)
         elif result.status is BatchStatus.DUPLICATE:
             self.metrics.duplicates.inc()
         return result
@@ -279,7 +287,7 @@ class Store:
 
     def _applied(self, node: str, events: Sequence[Event]) -> None:
         for kind, count in count_kinds(events).items():
-            self.metrics.changes.labels(_OP_LABEL[kind]).inc(count)
+            self._change_counters[kind].inc(count)
         info = self.index.watcher(node)
         if info is not None:
             self.metrics.watcher_files.labels(node).set(info.file_count)

@@ -444,15 +444,19 @@ class _Reader:
         stub = pb_grpc.FileIndexStub(self._channel)
         received = self.received
         try:
-            async for resp in stub.WatchFiles(pb.WatchFilesRequest()):
+            # As a program would read it: the changes waiting go together (a lone one at once).
+            request = pb.WatchFilesRequest(max_events_per_message=1000)
+            async for resp in stub.WatchFiles(request):
                 now = time.monotonic_ns()
-                if resp.WhichOneof("kind") == "list":
+                kind = resp.WhichOneof("kind")
+                if kind == "list":
                     if resp.list.done:
                         self.listed.set()
                     continue
-                ev = resp.event
-                self.events += 1
-                received.setdefault((ev.entry.node, ev.entry.raw_name, ev.kind), now)
+                events = resp.events.events if kind == "events" else (resp.event,)
+                self.events += len(events)
+                for ev in events:
+                    received.setdefault((ev.entry.node, ev.entry.raw_name, ev.kind), now)
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 self.error = f"{err.code()}: {err.details()}"

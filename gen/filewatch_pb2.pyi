@@ -508,16 +508,24 @@ class WatchFilesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESUME_VERSION_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     resume_version: _builtins.int
     """0: start with the full list"""
+    max_events_per_message: _builtins.int
+    """0 or 1: each change comes as its own `event` message (what grpcurl shows best).
+    More: the changes already waiting for this reader go together, up to this many
+    (at most 1000), in one `events` message; a lone change still goes at once.
+    One message per change costs the server a write per reader per change.
+    """
     def __init__(
         self,
         *,
         resume_version: _builtins.int = ...,
+        max_events_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_version", b"resume_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_events_per_message", b"max_events_per_message", "resume_version", b"resume_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,22 +608,50 @@ class WatchFilesResponse(_message.Message):
 
     LIST_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def list(self) -> Global___ListChunk: ...
     @_builtins.property
     def event(self) -> Global___FileEvent: ...
+    @_builtins.property
+    def events(self) -> Global___FileEvents:
+        """only when the request's max_events_per_message > 1"""
+
     def __init__(
         self,
         *,
         list: Global___ListChunk | None = ...,
         event: Global___FileEvent | None = ...,
+        events: Global___FileEvents | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "list", b"list"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "kind", b"kind", "list", b"list"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "list", b"list"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "kind", b"kind", "list", b"list"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["list", "event"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["list", "event", "events"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WatchFilesResponse: _TypeAlias = WatchFilesResponse  # noqa: Y015
+
+@_typing.final
+class FileEvents(_message.Message):
+    """Consecutive changes, in order (versions increasing)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___FileEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileEvents: _TypeAlias = FileEvents  # noqa: Y015

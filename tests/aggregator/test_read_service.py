@@ -253,6 +253,41 @@ async def test_a_batch_larger_than_the_reader_queue_reaches_a_reader_that_keeps_
         peer.call.cancel()
 
 
+async def test_a_reader_that_asks_gets_the_changes_waiting_for_it_together(
+    aggregator: Aggregator, channel: Any
+) -> None:
+    """max_events_per_message: what is queued goes as one message; a lone change at once."""
+    peer = Peer(channel, "node-a")
+    await peer.join([b"old"])
+    version = aggregator.store.index.version
+    request = pb.WatchFilesRequest(max_events_per_message=10)
+    call = filewatch_pb2_grpc.FileIndexStub(channel).WatchFiles(request)
+    assert (await read_stream(call)).list.done
+    await poll(lambda: aggregator.store.reader_count == 1, what="the reader")
+
+    names = [b"f%02d" % i for i in range(25)]
+    await peer.batch(1, *(add(n) for n in names))  # one publish of 25 events
+    sizes, received = [], []
+    while len(received) < len(names):
+        message = await read_stream(call)
+        assert message.WhichOneof("kind") == "events", message
+        sizes.append(len(message.events.events))
+        received += [(e.entry.raw_name, e.version) for e in message.events.events]
+    assert sizes == [10, 10, 5]
+    assert received == [(n, version + 1 + i) for i, n in enumerate(names)]
+
+    await peer.batch(2, remove(b"old"))  # alone: it does not wait for company
+    message = await read_stream(call)
+    [event] = message.events.events
+    assert (event.kind, event.entry.raw_name, event.version) == (
+        pb.FileEvent.KIND_REMOVED,
+        b"old",
+        version + 26,
+    )
+    call.cancel()
+    peer.call.cancel()
+
+
 async def every_entry(channel: Any) -> dict[tuple[bytes, str], tuple[int, int]]:
     """What ListFiles lists, every page walked: (raw name, node) -> (size, mtime)."""
     stub = filewatch_pb2_grpc.FileIndexStub(channel)
