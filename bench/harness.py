@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from watcher.config import WatcherConfig
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +105,7 @@ class Sizes:
     startup_trials: int = 5
     many_streams: int = 1000
     many_window: float = 20.0
-    heartbeat_interval: float = 2.0
+    heartbeat_interval: float = WatcherConfig().heartbeat_interval  # the watcher's default
     settle: float = 2.0
     """Seconds a process is left alone before its memory or idle CPU is read."""
 

@@ -43,8 +43,10 @@ class WatcherConfig:
     """Seconds between legacy hellos (http:// aggregators)."""
     folder_check_interval: float = 1.0
     """Seconds between checks that the folder and the observer are alive."""
-    heartbeat_interval: float = 2.0
-    """Seconds of idleness before a heartbeat goes out."""
+    heartbeat_interval: float = 5.0
+    """Seconds of idleness before a heartbeat goes out: a third of the aggregator's default
+    --ttl (15 s), so two may be lost before an idle watcher's files go. Dead links are
+    found sooner by gRPC keepalive; each heartbeat costs the aggregator a read and a write."""
     keepalive: float = 10.0
     """Seconds between gRPC keepalive pings."""
     max_batch: int = 1000
