@@ -177,6 +177,7 @@ class Watcher:
             keepalive=cfg.keepalive,
             max_batch=cfg.max_batch,
             batch_delay=cfg.batch_delay,
+            batch_interval=cfg.batch_interval,
             chunk_bytes=cfg.chunk_bytes,
             reconnect_min=cfg.reconnect_min,
             reconnect_max=cfg.reconnect_max,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ class SyncClient(LinkStatus):
         keepalive: float = 10.0,
         max_batch: int = 1000,
         batch_delay: float = 0.0,
+        batch_interval: float = 0.005,
         chunk_bytes: int = 1024 * 1024,
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
@@ -87,6 +89,7 @@ class SyncClient(LinkStatus):
         self._keepalive = keepalive
         self._max_batch = max_batch
         self._batch_delay = batch_delay
+        self._batch_interval = batch_interval
         self._chunk_bytes = chunk_bytes
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
@@ -201,6 +204,8 @@ class SyncClient(LinkStatus):
     ) -> None:
         st = self._state
         wake = self._wake
+        loop = asyncio.get_running_loop()
+        last_batch = -math.inf
         # The end of the stream and a stop wake the loop like a change does: it
         # waits on one event, with no task or asyncio.wait per change.
         stopper = asyncio.ensure_future(stop.wait())
@@ -223,10 +228,15 @@ class SyncClient(LinkStatus):
                     await self._send_snapshot(call)
                     continue
                 if st.pending:
-                    if self._batch_delay:
-                        await asyncio.sleep(self._batch_delay)
+                    # While changes keep coming, at most one batch per interval:
+                    # the batch grows with the load, and a change after a quieter
+                    # spell still goes at once.
+                    hold = self._batch_delay or last_batch + self._batch_interval - loop.time()
+                    if hold > 0:
+                        await asyncio.sleep(hold)
                     batch = st.take_batch(self._max_batch)
                     if batch is not None:
+                        last_batch = loop.time()
                         await self._send_batch(call, batch)
                     continue
                 wake.clear()

@@ -53,6 +53,9 @@ class WatcherConfig:
     """Most changes in one batch."""
     batch_delay: float = 0.0
     """Seconds to wait for more changes before sending a batch (0: send at once)."""
+    batch_interval: float = 0.005
+    """Least seconds between two batches while changes keep coming; a change after a
+    quieter spell goes at once (0: every change as soon as the previous batch is written)."""
     resend_buffer: int = 1024
     """Recent batches kept to resume a broken stream without a full snapshot."""
     chunk_bytes: int = 1024 * 1024
@@ -70,7 +73,7 @@ class WatcherConfig:
         for name in (
             "rescan_interval", "folder_check_interval", "hello_interval",
             "heartbeat_interval", "keepalive", "http_idle_timeout",
-            "batch_delay", "reconnect_min", "reconnect_max",
+            "batch_delay", "batch_interval", "reconnect_min", "reconnect_max",
         ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
@@ -85,7 +88,7 @@ class WatcherConfig:
             raise ValueError(f"-p must be a port number, got {self.port}")
         if self.http_idle_timeout <= 0:
             raise ValueError("--http-idle-timeout must be positive")
-        if self.rescan_interval < 0 or self.batch_delay < 0:
+        if self.rescan_interval < 0 or self.batch_delay < 0 or self.batch_interval < 0:
             raise ValueError("intervals must not be negative")
         if (
             min(
@@ -159,6 +162,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--keepalive", help="seconds between gRPC keepalive pings")
     opt("--max-batch", help="most changes per batch")
     opt("--batch-delay", help="seconds to gather changes before a batch")
+    opt(
+        "--batch-interval",
+        help="least seconds between batches while changes keep coming (a lone change goes at once)",
+    )
     opt("--resend-buffer", help="batches kept for resume")
     opt("--chunk-bytes", help="snapshot chunk size")
     opt("--reconnect-min", help="first reconnect delay")

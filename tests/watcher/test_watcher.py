@@ -411,3 +411,34 @@ async def test_files_created_while_the_watcher_starts_are_not_missed(harness: Ha
     listed = await harness.in_sync(node, "every file created during the start")
     assert len(listed) == len(folder_files(folder))
     assert watcher.registry.get_sample_value("filewatch_watcher_rescans_total") == 0.0
+
+
+async def test_churn_through_the_coalescing_path_ends_with_the_folder(harness: Harness) -> None:
+    """Changes faster than the batch interval go together; none is lost.
+
+    A thread creates, rewrites, renames and deletes files without pause while
+    the watcher holds each batch for --batch-interval after the previous one:
+    the batches are far fewer than the changes, and the list at the end is
+    exactly the folder (names and sizes).
+    """
+    folder = harness.folder
+    watcher, node = await harness.start_watcher(batch_interval=0.05, max_batch=50)
+    await harness.in_sync(node, "the empty folder")
+    ops = 0
+
+    def churn() -> None:
+        nonlocal ops
+        for i in range(600):
+            name = folder / f"c{i % 97:02d}.txt"
+            if name.exists() and i % 3 == 0:
+                name.unlink()
+            elif name.exists() and i % 3 == 1:
+                name.rename(folder / f"r{i % 89:02d}.txt")
+            else:
+                name.write_bytes(b"x" * (i % 50))
+            ops += 1
+
+    await asyncio.to_thread(churn)
+    await harness.in_sync(node, "the folder after the churn")
+    batches = watcher.registry.get_sample_value("filewatch_watcher_batches_sent_total") or 0
+    assert 0 < batches < ops / 3, f"{batches} batches for {ops} changes: nothing coalesced"
