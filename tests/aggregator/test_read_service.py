@@ -267,7 +267,8 @@ async def test_a_reader_that_asks_gets_the_changes_waiting_for_it_together(
 
     names = [b"f%02d" % i for i in range(25)]
     await peer.batch(1, *(add(n) for n in names))  # one publish of 25 events
-    sizes, received = [], []
+    sizes: list[int] = []
+    received: list[tuple[bytes, int]] = []
     while len(received) < len(names):
         message = await read_stream(call)
         assert message.WhichOneof("kind") == "events", message
