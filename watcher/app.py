@@ -6,9 +6,14 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import uuid
+from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import grpc
 import structlog
 from aiohttp import web
 from opentelemetry.trace import Tracer
@@ -22,7 +27,7 @@ from watcher.config import WatcherConfig
 from watcher.errors import FolderError, StartupError
 from watcher.folder import FolderWatch
 from watcher.legacy_client import LegacyClient
-from watcher.link import Client
+from watcher.link import Client, Wakeup
 from watcher.state import FolderState
 from watcher.telemetry import WatcherMetrics
 
@@ -47,13 +52,15 @@ class Watcher:
         self.instance = uuid.uuid4().hex
         self.registry = registry if registry is not None else CollectorRegistry()
         self.http_port = 0
-        self._wake = asyncio.Event()
-        self._client: Client | None = None
+        self._wakeup = Wakeup()
+        self._clients: list[Client] = []
         self.metrics = WatcherMetrics(self.registry, tracer)
+        secure = any(urlsplit(url).scheme == "grpcs" for url in config.targets)
+        self._credentials = channel_credentials(config) if secure else None
         self.folder_watch = FolderWatch(
             self.folder,
             self.state,
-            self._wake,
+            self._wakeup,
             self.metrics,
             rescan_interval=config.rescan_interval,
             check_interval=config.folder_check_interval,
@@ -73,20 +80,26 @@ class Watcher:
         )
 
     def health(self) -> dict[str, Any]:
-        """What /healthz answers: "failing" (HTTP 503), with the reason, while refused."""
-        client = self._client
-        refusal = client.refusal if client else None
+        """What /healthz answers: "failing" (HTTP 503), with the reason, while an aggregator
+        refuses this watcher. "stream" is "live" once every target's is; "targets" has each."""
+        clients = self._clients
+        refusals = [f"{c.target}: {c.refusal}" for c in clients if c.refusal]
+        states = [c.stream_state.value for c in clients]
         health: dict[str, Any] = {
-            "status": "failing" if refusal else "ok",
+            "status": "failing" if refusals else "ok",
             "instance": self.instance,
             "folder": os.fsdecode(self.folder),
             "files": len(self.state.files),
             "seqno": self.state.sequence,
-            "stream": client.stream_state.value if client else "starting",
+            "stream": next((s for s in states if s != "live"), "live") if clients else "starting",
             "folder_state": self.folder_watch.status.value,
+            "targets": [
+                {"target": c.target, "stream": c.stream_state.value, "refusal": c.refusal}
+                for c in clients
+            ],
         }
-        if refusal:
-            health["reason"] = refusal
+        if refusals:
+            health["reason"] = "; ".join(refusals)
         return health
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -131,14 +144,15 @@ class Watcher:
                 files=len(self.state.files),
                 scan_seconds=round(scan_seconds, 3),
                 http=f"{cfg.http_host}:{self.http_port}",
-                aggregator=cfg.aggregator,
+                aggregator=",".join(cfg.targets),
                 instance=self.instance,
             )
-            client = self._client = self._make_client(identity)
-            # Each loop ends by itself once `stop` is set (the client says goodbye
+            self._clients = self._make_clients(identity)
+            # Each loop ends by itself once `stop` is set (a client says goodbye
             # first); one that raises is logged and started again, not lost.
             tasks = Supervisor()
-            tasks.keep("aggregator-client", lambda: client.run(stop))
+            for client in self._clients:
+                tasks.keep(f"aggregator-client {client.target}", partial(client.run, stop))
             tasks.keep("rescan", lambda: self.folder_watch.rescan_loop(stop))
             tasks.keep("folder-supervisor", lambda: self.folder_watch.supervise(stop))
             try:
@@ -151,15 +165,16 @@ class Watcher:
             if running:
                 log.info("watcher_stopped")
 
-    def _make_client(self, identity: Identity) -> Client:
+    def _make_clients(self, identity: Identity) -> list[Client]:
+        """One client per -aggregator target, each with its own wake-up event."""
         cfg = self.config
         if cfg.protocol == "http":
-            return LegacyClient(
-                cfg.aggregator,
+            legacy = LegacyClient(
+                cfg.targets[0],
                 self.instance,
                 self.http_port,
                 self.state,
-                self._wake,
+                self._wakeup.subscribe(),
                 token=cfg.token,
                 hello_interval=cfg.hello_interval,
                 max_batch=cfg.max_batch,
@@ -167,11 +182,16 @@ class Watcher:
                 reconnect_max=cfg.reconnect_max,
                 metrics=self.metrics,
             )
+            return [legacy]
+        return [self._sync_client(url, identity) for url in cfg.targets]
+
+    def _sync_client(self, url: str, identity: Identity) -> SyncClient:
+        cfg = self.config
         return SyncClient(
-            cfg.target,
+            url,
             identity,
             self.state,
-            self._wake,
+            self._wakeup.subscribe(),
             token=cfg.token,
             heartbeat_interval=cfg.heartbeat_interval,
             keepalive=cfg.keepalive,
@@ -182,7 +202,44 @@ class Watcher:
             reconnect_min=cfg.reconnect_min,
             reconnect_max=cfg.reconnect_max,
             metrics=self.metrics,
+            credentials=self._credentials if urlsplit(url).scheme == "grpcs" else None,
         )
+
+
+def channel_credentials(config: WatcherConfig) -> grpc.ChannelCredentials:
+    """TLS credentials for grpcs:// targets from --tls-ca/--tls-cert/--tls-key, read and
+    checked once at start-up: StartupError names a file that is unreadable or not PEM."""
+    pem: dict[str, bytes | None] = {}
+    for flag, path in (
+        ("--tls-ca", config.tls_ca),
+        ("--tls-cert", config.tls_cert),
+        ("--tls-key", config.tls_key),
+    ):
+        try:
+            pem[flag] = Path(path).read_bytes() if path else None
+        except OSError as err:
+            raise StartupError(f"{flag} {_shown(path)}: {err.strerror}") from None
+    # gRPC reads the PEM only at the first connection; ssl says now what is wrong.
+    ca = pem["--tls-ca"]
+    if ca is not None:
+        try:
+            ssl.create_default_context(cadata=ca.decode(errors="replace"))
+        except ssl.SSLError as err:
+            raise StartupError(
+                f"--tls-ca {_shown(config.tls_ca)}: not a PEM certificate ({err.reason})"
+            ) from None
+    if config.tls_cert:
+        try:
+            ssl.create_default_context().load_cert_chain(config.tls_cert, config.tls_key)
+        except ssl.SSLError as err:
+            raise StartupError(
+                f"--tls-cert/--tls-key: not a PEM certificate and its key ({err.reason})"
+            ) from None
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=pem["--tls-key"],
+        certificate_chain=pem["--tls-cert"],
+    )
 
 
 def _shown(path: str, keep: int = 60) -> str:

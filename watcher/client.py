@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import grpc
 import structlog
@@ -55,11 +56,19 @@ class Identity:
 
 
 class SyncClient(LinkStatus):
-    """Keeps one Sync stream to the aggregator alive until `stop` is set.
+    """Keeps one Sync stream to one aggregator alive until `stop` is set.
+
+    A watcher given several aggregators runs one client per target over the same
+    folder state. Whichever client is ready first takes the pending changes as the
+    next batch (into the state's resend ring); each client sends the ring's batches
+    after its own position, so a slow or dead target holds back no other. A target
+    that falls behind the whole ring gets a snapshot instead.
 
     Args:
-        state: the folder state (owned by the event loop; read and drained here).
-        wake: set whenever the state has new changes.
+        target: grpc://HOST:PORT, or grpcs://HOST:PORT with `credentials`.
+        state: the folder state (owned by the event loop; shared by every client).
+        wake: this client's own event, set whenever the state has news.
+        credentials: TLS channel credentials, for a grpcs:// target.
     """
 
     def __init__(
@@ -79,8 +88,10 @@ class SyncClient(LinkStatus):
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
         metrics: WatcherMetrics | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._target = target
+        self._address = urlsplit(target).netloc
+        self._credentials = credentials
         self._id = identity
         self._state = state
         self._wake = wake
@@ -93,16 +104,24 @@ class SyncClient(LinkStatus):
         self._chunk_bytes = chunk_bytes
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        super().__init__(metrics)
+        super().__init__(metrics, target)
         self.applied_sequence = 0
+        """The last sequence this target acknowledged."""
+        self.sent_sequence = 0
+        """The last sequence written to this target (batches after it are still owed)."""
         self._resync = False
+        self.metrics.behind.labels(target).set_function(lambda: state.sequence - self.sent_sequence)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, sync, reconnect on failure; on `stop`, say goodbye and return."""
         failures = 0
         fields: dict[str, object]
         options = channel_options(self._keepalive, self._reconnect_min, self._reconnect_max)
-        async with grpc.aio.insecure_channel(self._target, options=options) as channel:
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(self._address, options=options)
+        else:
+            channel = grpc.aio.secure_channel(self._address, self._credentials, options=options)
+        async with channel:
             stub = pb_grpc.WatcherSyncStub(channel)
             while not stop.is_set():
                 self.stream_state = StreamState.CONNECTING
@@ -123,12 +142,12 @@ class SyncClient(LinkStatus):
                         self.refusal = f"{code.name if code else 'PROTOCOL'}: {details}"
                     event = "stream_failed"
                     fields = {"code": str(code), "details": details, "refused": refused}
-                self.metrics.reconnects.inc()
+                self.reconnects.inc()
                 self.stream_state = StreamState.BACKOFF
                 delay = backoff(failures, self._reconnect_min, self._reconnect_max)
                 # One line per attempt: the failures in a row, and when the next try comes.
                 log.warning(
-                    event, target=self._target, attempt=failures, retry_in=round(delay, 3), **fields
+                    event, target=self.target, attempt=failures, retry_in=round(delay, 3), **fields
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
@@ -168,10 +187,15 @@ class SyncClient(LinkStatus):
         if resend is None:
             await self._send_snapshot(call)
         else:
+            self.sent_sequence = welcome.applied_sequence
             for batch in resend:
                 await call.write(batch_to_pb(batch))
+                self.sent_sequence = batch.sequence
             log.info(
-                "stream_resumed", applied_sequence=welcome.applied_sequence, resent=len(resend)
+                "stream_resumed",
+                target=self.target,
+                applied_sequence=welcome.applied_sequence,
+                resent=len(resend),
             )
         self.stream_state = StreamState.LIVE
         reader = asyncio.ensure_future(self._read_loop(call))
@@ -234,20 +258,30 @@ class SyncClient(LinkStatus):
                     hold = self._batch_delay or last_batch + self._batch_interval - loop.time()
                     if hold > 0:
                         await asyncio.sleep(hold)
-                    batch = st.take_batch(self._max_batch)
-                    if batch is not None:
-                        last_batch = loop.time()
+                    # Into the ring, for every target (another client may have
+                    # taken the changes meanwhile: then there is none).
+                    st.take_batch(self._max_batch)
+                if st.sequence > self.sent_sequence:
+                    owed = st.batches_after(self.sent_sequence)
+                    if owed is None:  # this target fell behind the whole ring
+                        log.info("resend_ring_passed", target=self.target, sent=self.sent_sequence)
+                        await self._send_snapshot(call)
+                        continue
+                    last_batch = loop.time()
+                    for batch in owed:
                         await self._send_batch(call, batch)
                     continue
                 wake.clear()
                 if reader.done() or stop.is_set() or self._resync or st.pending:
                     continue  # it happened just before the clear
+                if st.sequence > self.sent_sequence:
+                    continue
                 try:
                     async with asyncio.timeout(self._heartbeat):
                         await wake.wait()
                 except TimeoutError:
                     await call.write(
-                        pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=st.sequence))
+                        pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=self.sent_sequence))
                     )
         finally:
             stopper.cancel()
@@ -265,9 +299,8 @@ class SyncClient(LinkStatus):
             ) as span:
                 msg.batch.traceparent, msg.batch.tracestate = inject(span)
                 await call.write(msg)
-        self.metrics.batches.inc()
-        for change in batch.changes:
-            self.metrics.changes.labels(change.op.value).inc()
+        self.sent_sequence = batch.sequence
+        self.count_sent(change.op.value for change in batch.changes)
 
     async def _send_snapshot(self, call: grpc.aio.StreamStreamCall) -> None:
         files, sequence = self._state.snapshot()
@@ -277,9 +310,11 @@ class SyncClient(LinkStatus):
         await call.write(
             pb.WatcherMessage(snapshot_end=pb.SnapshotEnd(sequence=sequence, count=len(files)))
         )
-        self.metrics.snapshots.inc()
+        self.sent_sequence = sequence
+        self.snapshots_sent.inc()
         log.info(
             "snapshot_sent",
+            target=self.target,
             files=len(files),
             sequence=sequence,
             seconds=round(time.perf_counter() - started, 3),

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from common.flags import CREDENTIAL_FILE_HELP, CREDENTIAL_HELP, add_config_flag, resolve_token
 from watcher.observers import KINDS
 
+SCHEMES = ("grpc", "grpcs", "http")
+
 
 @dataclass(frozen=True)
 class WatcherConfig:
@@ -22,7 +24,15 @@ class WatcherConfig:
     port: int = 4000
     """This watcher's HTTP port (GET /files, /healthz, /metrics); 0 picks a free one."""
     aggregator: str = "grpc://127.0.0.1:50051"
-    """Where to report: grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy)."""
+    """Where to report: grpc://HOST:PORT (streaming; grpcs:// over TLS), several of them
+    comma-separated (one independent stream to each), or one http://HOST:PORT (legacy)."""
+    tls_ca: str = ""
+    """PEM file of the CA that signs grpcs:// aggregators' certificates (default: the
+    system's roots)."""
+    tls_cert: str = ""
+    """PEM certificate chain this watcher shows a grpcs:// aggregator that asks (mTLS)."""
+    tls_key: str = ""
+    """PEM private key of --tls-cert."""
     http_host: str = "127.0.0.1"
     """Address this watcher's HTTP server binds."""
     http_idle_timeout: float = 15.0
@@ -77,13 +87,32 @@ class WatcherConfig:
         ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
-        scheme = urlsplit(self.aggregator).scheme
-        if scheme not in ("grpc", "http"):
+        targets = self.targets
+        for url in targets:
+            parts = urlsplit(url)
+            if parts.scheme not in SCHEMES:
+                raise ValueError(
+                    "-aggregator must be grpc://HOST:PORT, grpcs://HOST:PORT or "
+                    f"http://HOST:PORT, got {url!r}"
+                )
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if not parts.hostname or port is None or parts.path not in ("", "/"):
+                raise ValueError(f"-aggregator needs a host and a port, got {url!r}")
+        if len(set(targets)) < len(targets):
+            raise ValueError(f"-aggregator names an aggregator twice: {self.aggregator!r}")
+        if len(targets) > 1 and any(urlsplit(url).scheme == "http" for url in targets):
             raise ValueError(
-                f"-aggregator must be grpc://HOST:PORT or http://HOST:PORT, got {self.aggregator!r}"
+                "the legacy protocol (http://) reports to one aggregator; "
+                "use grpc:// targets to feed several"
             )
-        if not urlsplit(self.aggregator).hostname or urlsplit(self.aggregator).port is None:
-            raise ValueError(f"-aggregator needs a host and a port, got {self.aggregator!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        secure = any(urlsplit(url).scheme == "grpcs" for url in targets)
+        if (self.tls_ca or self.tls_cert) and not secure:
+            raise ValueError("--tls-ca, --tls-cert and --tls-key need a grpcs:// aggregator")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"-p must be a port number, got {self.port}")
         if self.http_idle_timeout <= 0:
@@ -110,14 +139,15 @@ class WatcherConfig:
             raise ValueError(f"unknown --log-format {self.log_format!r}")
 
     @property
-    def protocol(self) -> str:
-        """ "grpc" or "http", from the scheme of -aggregator."""
-        return urlsplit(self.aggregator).scheme
+    def targets(self) -> tuple[str, ...]:
+        """The aggregators to report to: the URLs of -aggregator, scheme in lower case."""
+        urls = (url.strip() for url in self.aggregator.split(","))
+        return tuple(urlsplit(url).geturl() for url in urls)
 
     @property
-    def target(self) -> str:
-        """HOST:PORT of the aggregator."""
-        return urlsplit(self.aggregator).netloc
+    def protocol(self) -> str:
+        """ "grpc" (grpc:// and grpcs://) or "http" (legacy), from -aggregator's scheme."""
+        return "http" if urlsplit(self.targets[0]).scheme == "http" else "grpc"
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -138,8 +168,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt(
         "-aggregator",
         "--aggregator",
-        help="grpc://HOST:PORT (streaming) or http://HOST:PORT (legacy protocol)",
+        help="grpc://HOST:PORT (streaming; grpcs:// for TLS), several comma-separated "
+        "(one stream to each), or one http://HOST:PORT (legacy protocol)",
     )
+    opt("--tls-ca", help="CA certificate (PEM) for grpcs:// aggregators", metavar="PATH")
+    opt("--tls-cert", help="client certificate chain (PEM) for mTLS", metavar="PATH")
+    opt("--tls-key", help="private key (PEM) of --tls-cert", metavar="PATH")
     opt("--http-host", help="address this watcher's HTTP server binds")
     opt(
         "--http-idle-timeout",

@@ -18,6 +18,7 @@ import time
 import structlog
 
 from watcher.errors import FolderError
+from watcher.link import Wakeup
 from watcher.observers import Observation, Observer, make_observer
 from watcher.scanner import folder_identity, scan_folder, stat_names
 from watcher.state import FolderState
@@ -39,7 +40,7 @@ class FolderWatch:
     """Keeps `state` equal to the folder at `path`, and says how the folder stands.
 
     Args:
-        wake: set whenever the state has new changes.
+        wake: told whenever the state has new changes.
         rescan_interval: seconds between rescans (jittered); 0 for none.
         check_interval: seconds between checks of the folder's identity.
         observer: which observer follows the folder (`watcher.observers.KINDS`).
@@ -49,7 +50,7 @@ class FolderWatch:
         self,
         path: bytes,
         state: FolderState,
-        wake: asyncio.Event,
+        wake: Wakeup,
         metrics: WatcherMetrics,
         *,
         rescan_interval: float,

@@ -62,7 +62,7 @@ class LegacyClient(LinkStatus):
         self._max_batch = max_batch
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        super().__init__(metrics)
+        super().__init__(metrics, base_url)
 
     async def _post(
         self,
@@ -137,16 +137,14 @@ class LegacyClient(LinkStatus):
         while True:
             try:
                 await self._patch(session, ops)
-                self.metrics.batches.inc()
-                for op in ops:
-                    self.metrics.changes.labels(op["op"]).inc()
+                self.count_sent(op["op"] for op in ops)
                 return
             except RejectedError as err:
                 log.error("patch_rejected", error=str(err), ops=len(ops))
                 return
             except (aiohttp.ClientError, TimeoutError) as err:
                 failures += 1
-                self.metrics.reconnects.inc()
+                self.reconnects.inc()
                 log.warning("patch_failed", error=str(err) or type(err).__name__, attempt=failures)
                 if stop.is_set():
                     return

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
+from collections.abc import Iterable
 from typing import Protocol
 
 import structlog
 
 from watcher.telemetry import WatcherMetrics
+
+OPS = ("add", "remove", "modify")
+"""The ops a change is counted under (watcher.state.Op values)."""
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +43,11 @@ class Client(Protocol):
         ...
 
     @property
+    def target(self) -> str:
+        """The aggregator this client reports to, as given to -aggregator."""
+        ...
+
+    @property
     def refusal(self) -> str | None:
         """Why the aggregator refused us, until it accepts us again; None if it did not."""
         ...
@@ -57,12 +66,46 @@ def backoff(failures: int, low: float, high: float) -> float:
     return random.uniform(0, min(high, low * 2.0 ** min(failures, 64)))
 
 
-class LinkStatus:
-    """The stream state (also exported as a metric) and the last refusal, of one client."""
+class Wakeup:
+    """ "The folder state has news", told to each client on its own event.
 
-    def __init__(self, metrics: WatcherMetrics | None) -> None:
-        self.metrics = metrics or WatcherMetrics()
+    The folder watch calls `set`; each client waits on and clears its own event
+    (from `subscribe`), so one client's clear never hides a change from another.
+    """
+
+    def __init__(self) -> None:
+        self._events: list[asyncio.Event] = []
+
+    def subscribe(self) -> asyncio.Event:
+        """A new event, set at every `set` from now on."""
+        event = asyncio.Event()
+        self._events.append(event)
+        return event
+
+    def set(self) -> None:
+        """Wake every subscriber."""
+        for event in self._events:
+            event.set()
+
+
+class LinkStatus:
+    """The stream state (also exported as a metric) and the last refusal, of one client.
+
+    Args:
+        metrics: the watcher's metrics; this link's children carry `target` as label.
+        target: the aggregator this link reports to, as given to -aggregator.
+    """
+
+    def __init__(self, metrics: WatcherMetrics | None, target: str) -> None:
+        self.metrics = m = metrics or WatcherMetrics()
+        self.target = target
+        self._state_metric = m.stream_state.labels(target)
+        self.batches_sent = m.batches.labels(target)
+        self.snapshots_sent = m.snapshots.labels(target)
+        self.reconnects = m.reconnects.labels(target)
+        self._changes_sent = {op: m.changes.labels(target, op) for op in OPS}
         self._stream_state = StreamState.CONNECTING
+        self._state_metric.state(self._stream_state.value)
         self.refusal: str | None = None
         """Why the aggregator refused the last attempt, until one is accepted: a gRPC
         `CODE: details`, or what the legacy aggregator answered a hello with a 4xx."""
@@ -75,7 +118,13 @@ class LinkStatus:
     @stream_state.setter
     def stream_state(self, value: StreamState) -> None:
         self._stream_state = value
-        self.metrics.stream_state.state(value.value)
+        self._state_metric.state(value.value)
+
+    def count_sent(self, ops: Iterable[str]) -> None:
+        """Count one batch (or PATCH) of changes with these ops as sent."""
+        self.batches_sent.inc()
+        for op in ops:
+            self._changes_sent[op].inc()
 
     def _accepted(self, event: str) -> None:
         """The aggregator accepted us: a refusal, if any, is over (logged as `event`)."""

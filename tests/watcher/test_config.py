@@ -14,7 +14,7 @@ GO_AGGREGATOR = "http://127.0.0.1:8000"
 def test_defaults() -> None:
     cfg = from_args([], {})
     assert (cfg.dir, cfg.port, cfg.aggregator) == (".", 4000, "grpc://127.0.0.1:50051")
-    assert (cfg.protocol, cfg.target) == ("grpc", "127.0.0.1:50051")
+    assert (cfg.protocol, cfg.targets) == ("grpc", ("grpc://127.0.0.1:50051",))
     assert cfg == WatcherConfig()
 
 
@@ -60,19 +60,32 @@ def test_go_watcher_flags(argv: list[str], expected: tuple[str, int, str | None]
 
 
 @pytest.mark.parametrize(
-    ("aggregator", "protocol", "target"),
+    ("aggregator", "protocol", "targets"),
     [
-        ("grpc://127.0.0.1:50051", "grpc", "127.0.0.1:50051"),
-        ("http://127.0.0.1:8000", "http", "127.0.0.1:8000"),
-        ("http://aggregator.example:80", "http", "aggregator.example:80"),
-        ("grpc://[::1]:50051", "grpc", "[::1]:50051"),
-        ("HTTP://127.0.0.1:8000", "http", "127.0.0.1:8000"),
+        ("grpc://127.0.0.1:50051", "grpc", ("grpc://127.0.0.1:50051",)),
+        ("http://127.0.0.1:8000", "http", ("http://127.0.0.1:8000",)),
+        ("http://aggregator.example:80", "http", ("http://aggregator.example:80",)),
+        ("grpc://[::1]:50051", "grpc", ("grpc://[::1]:50051",)),
+        ("HTTP://127.0.0.1:8000", "http", ("http://127.0.0.1:8000",)),
+        ("grpcs://a.example:443", "grpc", ("grpcs://a.example:443",)),
+        (
+            "grpc://a:50051, grpcs://b:50051",
+            "grpc",
+            ("grpc://a:50051", "grpcs://b:50051"),
+        ),
     ],
 )
-def test_protocol_from_scheme(aggregator: str, protocol: str, target: str) -> None:
+def test_protocol_and_targets_from_scheme(
+    aggregator: str, protocol: str, targets: tuple[str, ...]
+) -> None:
     cfg = from_args([f"-aggregator={aggregator}"], {})
     assert cfg.protocol == protocol
-    assert cfg.target == target
+    assert cfg.targets == targets
+
+
+def test_several_aggregators_come_from_the_env_twin_too() -> None:
+    cfg = from_args([], {"FILEWATCH_AGGREGATOR": "grpc://a:1,grpc://b:2"})
+    assert cfg.targets == ("grpc://a:1", "grpc://b:2")
 
 
 @pytest.mark.parametrize(
@@ -85,11 +98,29 @@ def test_protocol_from_scheme(aggregator: str, protocol: str, target: str) -> No
         pytest.param("grpc://127.0.0.1", id="no-port"),
         pytest.param("http://:8000", id="no-host"),
         pytest.param("", id="empty"),
+        pytest.param("grpc://a:1,", id="empty-entry"),
+        pytest.param("grpc://a:1,grpc://a:1", id="twice"),
+        pytest.param("grpc://a:1,http://b:2", id="legacy-in-a-list"),
+        pytest.param("http://a:1,http://b:2", id="two-legacy"),
+        pytest.param("grpc://a:1/path", id="path"),
     ],
 )
 def test_bad_aggregator_raises_value_error(aggregator: str) -> None:
     with pytest.raises(ValueError, match="aggregator"):
         from_args([f"-aggregator={aggregator}"], {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tls-ca=ca.pem"], "need a grpcs://"),
+        (["-aggregator=grpcs://a:1", "--tls-cert=c.pem"], "go together"),
+        (["-aggregator=grpcs://a:1", "--tls-key=k.pem"], "go together"),
+    ],
+)
+def test_tls_flags_need_a_grpcs_target_and_each_other(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_args(argv, {})
 
 
 @pytest.mark.parametrize(

@@ -25,12 +25,13 @@ def test_backoff_is_full_jitter_up_to_a_capped_exponential(failures: int, bound:
 
 def test_a_refusal_lasts_until_accepted_and_the_state_is_exported() -> None:
     registry = CollectorRegistry()
-    link = LinkStatus(WatcherMetrics(registry))
+    link = LinkStatus(WatcherMetrics(registry), "grpc://a:1")
     assert link.stream_state is StreamState.CONNECTING
     link.refusal = "ALREADY_EXISTS: taken"
     link.stream_state = StreamState.BACKOFF
     assert registry.get_sample_value(
-        "filewatch_watcher_stream_state", {"filewatch_watcher_stream_state": "backoff"}
+        "filewatch_watcher_stream_state",
+        {"filewatch_watcher_stream_state": "backoff", "target": "grpc://a:1"},
     )
     link._accepted("stream_accepted")
     assert link.refusal is None
@@ -40,7 +41,7 @@ def test_both_clients_are_clients() -> None:
     state, wake = FolderState(), asyncio.Event()
     identity = Identity(node="n", epoch="e", folder="/f", host="h", http_port=1)
     clients: list[Client] = [
-        SyncClient("127.0.0.1:1", identity, state, wake),
+        SyncClient("grpc://127.0.0.1:1", identity, state, wake),
         LegacyClient("http://127.0.0.1:1", "e", 1, state, wake),
     ]
     assert [c.stream_state for c in clients] == [StreamState.CONNECTING] * 2
