@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := .run
 AGGREGATOR_ADDRESS ?= grpc://127.0.0.1:50051
+REPLICAS ?= 1
 
 .PHONY: help install proto check-proto fmt lint test run stop bench soak clean tools check-observability observe browser
 
@@ -60,8 +61,8 @@ test: $(STAMP) check-proto lint check-observability browser ## the whole suite (
 observe: tools ## a local Prometheus on 127.0.0.1:9090 scraping make run
 	@bash observability/run_prometheus.sh
 
-run: $(STAMP) ## start the aggregator and two watchers in the background
-	@$(PY) scripts/devrun.py start --aggregator-address '$(AGGREGATOR_ADDRESS)'
+run: $(STAMP) ## start the aggregator and two watchers in the background (REPLICAS=2: two aggregators)
+	@$(PY) scripts/devrun.py start --aggregator-address '$(AGGREGATOR_ADDRESS)' --replicas '$(REPLICAS)'
 
 stop: ## stop exactly what make run started
 	@$(PYTHON) scripts/devrun.py stop

@@ -19,13 +19,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
-AGGREGATOR_HTTP = ("127.0.0.1:8000", "127.0.0.1:12345")
-AGGREGATOR_GRPC = "127.0.0.1:50051"
+HOST = "127.0.0.1"
+AGGREGATOR_HTTP = (8000, 12345)
+AGGREGATOR_GRPC = 50051
+REPLICA_PORT_STEP = 1
+"""Replica k (from 0) listens on each of the first one's ports + k * this."""
+MAX_REPLICAS = 9
 WATCHERS = (
     ("watcher1", "sample-folders/folder1", 4000),
     ("watcher2", "sample-folders/folder2", 4001),
 )
-ORDER = ("aggregator", "watcher1", "watcher2")
+
+
+def _replica(k: int) -> tuple[str, tuple[str, str], str]:
+    """Name, HTTP addresses and gRPC address of replica k (0 is `aggregator`)."""
+    step = k * REPLICA_PORT_STEP
+    name = "aggregator" if k == 0 else f"aggregator{k + 1}"
+    http = (f"{HOST}:{AGGREGATOR_HTTP[0] + step}", f"{HOST}:{AGGREGATOR_HTTP[1] + step}")
+    return name, http, f"{HOST}:{AGGREGATOR_GRPC + step}"
+
+
+def _names() -> list[str]:
+    """Every process name this script may have started (replicas 2.. only if PID files say so)."""
+    replicas = sorted(p.stem for p in RUN.glob("aggregator*.pid")) if RUN.exists() else []
+    return sorted({"aggregator", *replicas}) + [name for name, _, _ in WATCHERS]
 
 
 def _alive(pid: int) -> bool:
@@ -98,40 +115,54 @@ def _wait_healthy(procs: dict[str, tuple[subprocess.Popen[bytes], str]], timeout
     return True
 
 
-def start(aggregator_address: str) -> int:
-    """Start the aggregator, wait until it answers, then the two watchers (no failed first try)."""
+def start(aggregator_address: str, replicas: int = 1) -> int:
+    """Start the aggregators, wait until they answer, then the two watchers (no failed first
+    try). With several replicas, each watcher streams to every one of them."""
+    if not 1 <= replicas <= MAX_REPLICAS:
+        print(f"REPLICAS must be 1 to {MAX_REPLICAS}, got {replicas}", file=sys.stderr)
+        return 2
+    if replicas > 1 and not aggregator_address.startswith("grpc://"):
+        print("REPLICAS=2 or more needs gRPC watchers (the legacy protocol reports to one "
+              "aggregator); drop AGGREGATOR_ADDRESS", file=sys.stderr)  # fmt: skip
+        return 2
     RUN.mkdir(exist_ok=True)
-    for name in ORDER:
+    for name in _names():
         pid = _pid(name)
         if pid is not None and _alive(pid):
             print(f"{name} already running (pid {pid}); run 'make stop' first", file=sys.stderr)
             return 1
-    http_args = [a for address in AGGREGATOR_HTTP for a in ("--http", address)]
-    aggregator = _spawn("aggregator", ["-m", "aggregator", *http_args, "--grpc", AGGREGATOR_GRPC])
-    if not _wait_healthy({"aggregator": (aggregator, f"http://{AGGREGATOR_HTTP[0]}/healthz")}, 30):
+    aggregators = {}
+    for k in range(replicas):
+        name, http, grpc_address = _replica(k)
+        http_args = [a for address in http for a in ("--http", address)]
+        proc = _spawn(name, ["-m", "aggregator", *http_args, "--grpc", grpc_address])
+        aggregators[name] = (proc, f"http://{http[0]}/healthz")
+    if not _wait_healthy(aggregators, 30):
         stop()
         return 1
+    targets = aggregator_address
+    if replicas > 1:
+        targets = ",".join(f"grpc://{_replica(k)[2]}" for k in range(replicas))
     watchers = {}
     for name, folder, port in WATCHERS:
-        argv = [
-            "-m",
-            "watcher",
-            f"-dir={folder}",
-            f"-p={port}",
-            f"-aggregator={aggregator_address}",
-        ]
-        watchers[name] = (_spawn(name, argv), f"http://127.0.0.1:{port}/healthz")
+        argv = ["-m", "watcher", f"-dir={folder}", f"-p={port}", f"-aggregator={targets}"]
+        watchers[name] = (_spawn(name, argv), f"http://{HOST}:{port}/healthz")
     if not _wait_healthy(watchers, 30):
         stop()
         return 1
     print("filewatch is running:")
-    print(f"  live page:        http://localhost:{AGGREGATOR_HTTP[1].split(':')[1]}/")
-    print(f"  files (browser):  http://localhost:{AGGREGATOR_HTTP[1].split(':')[1]}/files/")
-    print(f"  files (original): http://{AGGREGATOR_HTTP[0]}/files/")
-    print(f"  gRPC:             {AGGREGATOR_GRPC}  (grpcurl -plaintext {AGGREGATOR_GRPC} list)")
-    print(f"  metrics:          http://{AGGREGATOR_HTTP[0]}/metrics")
+    for k in range(replicas):
+        name, http, grpc_address = _replica(k)
+        browser = http[1].split(":")[1]
+        if replicas > 1:
+            print(f"  {name}:")
+        print(f"  live page:        http://localhost:{browser}/")
+        print(f"  files (browser):  http://localhost:{browser}/files/")
+        print(f"  files (original): http://{http[0]}/files/")
+        print(f"  gRPC:             {grpc_address}  (grpcurl -plaintext {grpc_address} list)")
+        print(f"  metrics:          http://{http[0]}/metrics")
     for name, folder, port in WATCHERS:
-        print(f"  {name}:         http://127.0.0.1:{port}/files  ({folder})")
+        print(f"  {name}:         http://{HOST}:{port}/files  ({folder})")
     print("  logs: .run/*.log   stop: make stop")
     return 0
 
@@ -167,7 +198,7 @@ def stop() -> int:
     """SIGTERM exactly the PIDs in .run/: the watchers together (their goodbye reaches the
     aggregator), then the aggregator."""
     _terminate([name for name, _, _ in WATCHERS])
-    _terminate(["aggregator"])
+    _terminate([name for name in _names() if name.startswith("aggregator")])
     return 0
 
 
@@ -176,11 +207,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="devrun")
     sub = parser.add_subparsers(dest="command", required=True)
     start_p = sub.add_parser("start")
-    start_p.add_argument("--aggregator-address", default=f"grpc://{AGGREGATOR_GRPC}")
+    start_p.add_argument("--aggregator-address", default=f"grpc://{HOST}:{AGGREGATOR_GRPC}")
+    start_p.add_argument("--replicas", type=int, default=1)
     sub.add_parser("stop")
     ns = parser.parse_args()
     if ns.command == "start":
-        return start(ns.aggregator_address)
+        return start(ns.aggregator_address, ns.replicas)
     return stop()
 
 

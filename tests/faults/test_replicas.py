@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def cluster(
         watchers.append(start_watcher(folder, targets, "--resend-buffer", "8", name=f"w{i}"))
     for agg in replicas:
         wait_for(
-            lambda a=agg: names(a),
+            partial(names, agg),
             SYNC_TIMEOUT,
             until=lambda n: n == folder_names(*folders),
             what="both replicas to list the three folders",
