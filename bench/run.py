@@ -39,7 +39,14 @@ from collections.abc import Callable  # noqa: E402
 from datetime import datetime  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench import report, scenarios_ingest, scenarios_lag, scenarios_read, scenarios_scale  # noqa: E402
+from bench import (  # noqa: E402
+    report,
+    scenarios_ingest,
+    scenarios_lag,
+    scenarios_read,
+    scenarios_replicas,
+    scenarios_scale,
+)
 from bench.harness import (  # noqa: E402
     Context,
     MachineLoad,
@@ -63,6 +70,7 @@ FAMILIES: list[tuple[tuple[str, ...], Family]] = [
     (("memory",), scenarios_scale.run_memory),
     (("startup",), scenarios_scale.run_startup),
     (("many_watchers",), scenarios_scale.run_many),
+    (("replicas",), scenarios_replicas.run_replicas),
 ]
 SCENARIOS: tuple[str, ...] = tuple(name for names, _ in FAMILIES for name in names)
 

@@ -32,6 +32,7 @@ EXPECTED = {
     "memory",
     "startup",
     "many_watchers",
+    "replicas",
 }
 QUICK_BUDGET = 110.0
 """The quick run must take under a minute; this bound only stops a hung run."""
