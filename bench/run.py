@@ -66,6 +66,7 @@ FAMILIES: list[tuple[tuple[str, ...], Family]] = [
     (("move",), scenarios_lag.run_move),
     (("churn",), scenarios_lag.run_churn),
     (("ingest",), scenarios_ingest.run_ingest),
+    (("small_batches",), scenarios_ingest.run_small_batches),
     (("read", "read_after_change"), scenarios_read.run_read),
     (("memory",), scenarios_scale.run_memory),
     (("startup",), scenarios_scale.run_startup),

@@ -33,6 +33,7 @@ EXPECTED = {
     "startup",
     "many_watchers",
     "replicas",
+    "small_batches",
 }
 QUICK_BUDGET = 110.0
 """The quick run must take under a minute; this bound only stops a hung run."""
