@@ -94,6 +94,8 @@ class Sizes:
     small_streams: int = 100
     small_batches: int = 1000
     small_readers: int = 10
+    subscriber_counts: tuple[int, ...] = (100, 1000)
+    subscriber_window: float = 10.0
     read_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     read_after_sizes: tuple[int, ...] = (100_000, 1_000_000)
     read_samples: int = 200
@@ -128,6 +130,8 @@ QUICK = Sizes(
     small_streams=10,
     small_batches=50,
     small_readers=2,
+    subscriber_counts=(5,),
+    subscriber_window=1.0,
     read_sizes=(1000, 2000, 5000),
     read_after_sizes=(2000, 5000),
     read_samples=5,

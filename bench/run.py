@@ -46,6 +46,7 @@ from bench import (  # noqa: E402
     scenarios_read,
     scenarios_replicas,
     scenarios_scale,
+    scenarios_subscribers,
 )
 from bench.harness import (  # noqa: E402
     Context,
@@ -72,6 +73,7 @@ FAMILIES: list[tuple[tuple[str, ...], Family]] = [
     (("startup",), scenarios_scale.run_startup),
     (("many_watchers",), scenarios_scale.run_many),
     (("replicas",), scenarios_replicas.run_replicas),
+    (("subscribers",), scenarios_subscribers.run_subscribers),
 ]
 SCENARIOS: tuple[str, ...] = tuple(name for names, _ in FAMILIES for name in names)
 

@@ -34,6 +34,7 @@ EXPECTED = {
     "many_watchers",
     "replicas",
     "small_batches",
+    "subscribers",
 }
 QUICK_BUDGET = 110.0
 """The quick run must take under a minute; this bound only stops a hung run."""
