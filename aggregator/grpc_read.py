@@ -94,6 +94,7 @@ class FileIndexService(pb_grpc.FileIndexServicer):
         self._write_timeout = write_timeout
         self._list_page_bytes = list_page_bytes
         self._list_turns = _Turnstile(list_pages_per_turn)
+        self._events = _EventMessages()
 
     async def ListFiles(
         self,
@@ -159,7 +160,7 @@ class FileIndexService(pb_grpc.FileIndexServicer):
                 return
         else:
             for event in backlog:
-                if not await self._send(context, sub, _event_to_pb(event)):
+                if not await self._send(context, sub, self._events.response(event)):
                     return
             del backlog
         together = min(request.max_events_per_message, MAX_EVENTS_PER_MESSAGE)
@@ -168,10 +169,10 @@ class FileIndexService(pb_grpc.FileIndexServicer):
             if item is None:
                 return
             if together <= 1:
-                if not await self._send(context, sub, _event_to_pb(item)):
+                if not await self._send(context, sub, self._events.response(item)):
                     return
                 continue
-            events, ended = _waiting(sub, item, together)
+            events, ended = self._events.waiting(sub, item, together)
             message = pb.WatchFilesResponse(events=pb.FileEvents(events=events))
             if not await self._send(context, sub, message) or ended:
                 return
@@ -300,20 +301,41 @@ def _file_event(event: Event) -> pb.FileEvent:
     )
 
 
-def _event_to_pb(event: Event) -> pb.WatchFilesResponse:
-    return pb.WatchFilesResponse(event=_file_event(event))
+class _EventMessages:
+    """Each event's FileEvent, built once however many readers send it.
 
+    Keyed by the event's version (one per change); the most recent `size` are kept.
+    """
 
-def _waiting(sub: Subscriber, first: Event, most: int) -> tuple[list[pb.FileEvent], bool]:
-    """`first` and the events queued behind it, up to `most`; and whether the end came."""
-    events = [_file_event(first)]
-    queue = sub.queue
-    while len(events) < most and not queue.empty():
-        try:
-            item = queue.get_nowait()
-        except asyncio.QueueEmpty:  # only skipped events were left
-            break
-        if item is None:
-            return events, True
-        events.append(_file_event(item))
-    return events, False
+    def __init__(self, size: int = 16_384) -> None:
+        self._size = size
+        self._built: dict[int, pb.FileEvent] = {}
+
+    def get(self, event: Event) -> pb.FileEvent:
+        """The FileEvent of `event`."""
+        built = self._built
+        message = built.get(event.version)
+        if message is None:
+            if len(built) >= self._size:
+                del built[next(iter(built))]  # the oldest (dicts keep insertion order)
+            message = built[event.version] = _file_event(event)
+        return message
+
+    def response(self, event: Event) -> pb.WatchFilesResponse:
+        """`event` as a message of its own."""
+        return pb.WatchFilesResponse(event=self.get(event))
+
+    def waiting(self, sub: Subscriber, first: Event, most: int) -> tuple[list[pb.FileEvent], bool]:
+        """`first` and the events queued behind it, up to `most`; and whether the end came."""
+        get = self.get
+        events = [get(first)]
+        queue = sub.queue
+        while len(events) < most and not queue.empty():
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:  # only skipped events were left
+                break
+            if item is None:
+                return events, True
+            events.append(get(item))
+        return events, False
