@@ -24,6 +24,7 @@ from aggregator.liveness import Liveness
 from aggregator.sessions import Sessions
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
+from aggregator.tls import ServerTls, load
 from common.http_server import ConnectionLimit, LimitedSite, make_runner
 from common.tasks import Supervisor
 from common.tracing import tracer_provider_from_env
@@ -85,7 +86,11 @@ class Aggregator:
     async def start(self) -> None:
         """Bind and serve; returns once every listener is up."""
         cfg = self.config
-        self.grpc_port = await self._grpc.start()
+        # Read once, here: the files are not watched; new ones need a restart.
+        tls: ServerTls | None = (
+            load(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+        )
+        self.grpc_port = await self._grpc.start(tls)
 
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, force_close=True), auto_decompress=True
@@ -123,7 +128,14 @@ class Aggregator:
         )
         for address in cfg.http:
             host, port = parse_hostport(address)
-            site = LimitedSite(self._runner, host, port, self._http_limit)
+            site = LimitedSite(
+                self._runner,
+                host,
+                port,
+                self._http_limit,
+                ssl_context=tls.http if tls else None,
+                ssl_handshake_timeout=cfg.http_idle_timeout,
+            )
             try:
                 await site.start()
             except OSError as err:
@@ -141,6 +153,7 @@ class Aggregator:
             ],
             grpc=f"{grpc_host}:{self.grpc_port}",
             ttl=cfg.ttl,
+            tls=tls.mode if tls else "off",
         )
 
     async def _reap(self) -> None:

@@ -93,6 +93,12 @@ class AggregatorConfig:
     request line and headers not all received yet (a response in progress is not cut)."""
     max_connections: int = 1024
     """HTTP connections open at once, all listeners together; one more is closed at once."""
+    tls_cert: str = ""
+    """PEM certificate chain served on the gRPC port and every HTTP listener; empty: plaintext."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert` (both or neither)."""
+    tls_client_ca: str = ""
+    """PEM CA certificates a client certificate must chain to (mTLS); empty: none asked."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -136,6 +142,10 @@ class AggregatorConfig:
             raise ValueError("--legacy-hello-period must be a positive number")
         if self.http_idle_timeout <= 0 or self.max_connections <= 0:
             raise ValueError("--http-idle-timeout and --max-connections must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -208,6 +218,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--max-connections",
         help="HTTP connections open at once, all listeners together; beyond, a new one is "
         "closed at once (counted in filewatch_http_connections_refused_total)",
+    )
+    opt(
+        "--tls-cert",
+        help="PEM certificate chain: the gRPC port and every HTTP listener serve TLS only "
+        "(with --tls-key; default: plaintext)",
+        metavar="PATH",
+    )
+    opt("--tls-key", help="PEM private key of --tls-cert (unencrypted)", metavar="PATH")
+    opt(
+        "--tls-client-ca",
+        help="PEM CA certificates: clients must present a certificate they signed (mTLS, on "
+        "gRPC and HTTP); needs --tls-cert",
+        metavar="PATH",
     )
     return p
 

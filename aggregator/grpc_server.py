@@ -17,6 +17,7 @@ from aggregator.grpc_read import FileIndexService
 from aggregator.grpc_sync import SyncService
 from aggregator.sessions import Sessions
 from aggregator.store import Store
+from aggregator.tls import ServerTls, grpc_credentials
 from gen import filewatch_pb2 as pb
 from gen import filewatch_pb2_grpc as pb_grpc
 
@@ -99,12 +100,18 @@ class GrpcServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
-    async def start(self) -> int:
-        """Bind `--grpc` and serve; returns the bound port. StartupError if it is taken."""
+    async def start(self, tls: ServerTls | None = None) -> int:
+        """Bind `--grpc` and serve (TLS only, if `tls`); returns the bound port.
+
+        StartupError if the address is taken.
+        """
         address = self._config.grpc
         check_free(address)
         try:
-            port: int = self._server.add_insecure_port(address)
+            if tls is None:
+                port: int = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, grpc_credentials(tls))
         except RuntimeError as err:  # grpc says only "Failed to bind"
             raise StartupError(f"cannot listen on {address} (gRPC): {err}") from err
         await self._server.start()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import cast
@@ -233,26 +234,45 @@ class ConnectionLimit:
 
 
 class LimitedSite(web.BaseSite):
-    """A TCP listener of a runner, as `web.TCPSite`, whose connections pass `limit` first."""
+    """A TCP listener of a runner, as `web.TCPSite`, whose connections pass `limit` first.
 
-    __slots__ = ("_host", "_limit", "_port")
+    With `ssl_context` it serves TLS only; a connection is counted against `limit`
+    once its handshake is done, and a handshake gets `ssl_handshake_timeout` seconds.
+    """
+
+    __slots__ = ("_handshake_timeout", "_host", "_limit", "_port")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, limit: ConnectionLimit
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        limit: ConnectionLimit,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
     ) -> None:
-        super().__init__(runner)
+        super().__init__(runner, ssl_context=ssl_context)
         self._host = host
         self._port = port
         self._limit = limit
+        self._handshake_timeout = ssl_handshake_timeout
 
     @property
     def name(self) -> str:
         """Its URL."""
-        return str(URL.build(scheme="http", host=self._host, port=self._port))
+        scheme = "https" if self._ssl_context else "http"
+        return str(URL.build(scheme=scheme, host=self._host, port=self._port))
 
     async def start(self) -> None:
         """Listen (`port` 0: any free port; the runner's `addresses` tell which)."""
         await super().start()
         self._server = await asyncio.get_running_loop().create_server(
-            self._limit, self._host, self._port, backlog=self._backlog, reuse_address=True
+            self._limit,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
         )
