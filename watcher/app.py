@@ -83,7 +83,9 @@ class Watcher:
         """What /healthz answers: "failing" (HTTP 503), with the reason, while an aggregator
         refuses this watcher. "stream" is "live" once every target's is; "targets" has each."""
         clients = self._clients
-        refusals = [f"{c.target}: {c.refusal}" for c in clients if c.refusal]
+        refusals = [c.refusal for c in clients if c.refusal]
+        if len(clients) > 1:  # which target refuses, when there are several
+            refusals = [f"{c.target}: {c.refusal}" for c in clients if c.refusal]
         states = [c.stream_state.value for c in clients]
         health: dict[str, Any] = {
             "status": "failing" if refusals else "ok",
