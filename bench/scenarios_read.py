@@ -109,6 +109,10 @@ def _change_file(i: int) -> tuple[bytes, int, int]:
     return (b"%08x-change-%05d.jpg" % (random.getrandbits(32), i), i, 1_700_000_000_000_000_000)
 
 
+READ_TTL = 3600
+"""The aggregator's --ttl here, in seconds."""
+
+
 class _Toggler:
     """One file that a synthetic watcher adds, then removes, then adds...: single changes."""
 
@@ -213,7 +217,9 @@ def run_read(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
     for n in sizes:
         procs = ctx.procs(f"read-{human(n)}")
         try:
-            agg = start_aggregator(procs, "aggregator")
+            # The synthetic watcher sends no heartbeat while the reads run (tens of
+            # seconds at 1M files): a TTL longer than the scenario keeps its files.
+            agg = start_aggregator(procs, "aggregator", ["--ttl", str(READ_TTL)])
             measured[n] = run_async(
                 _at_size(
                     ctx,

@@ -209,8 +209,16 @@ def run_subscribers(ctx: Context, selected: frozenset[str]) -> list[ScenarioResu
     del selected
     procs = ctx.procs("subscribers")
     try:
-        agg = start_aggregator(procs, "aggregator", ["--max-readers", "5000",
-                                                     "--max-event-clients", "5000"])  # fmt: skip
+        # Limits above the largest count (the defaults are 1,000 of each, 1,024 connections).
+        limits = [
+            "--max-readers",
+            "5000",
+            "--max-event-clients",
+            "5000",
+            "--max-connections",
+            "5000",
+        ]
+        agg = start_aggregator(procs, "aggregator", limits)
         measured = run_async(_measure(ctx, agg))
     finally:
         procs.stop_all()
