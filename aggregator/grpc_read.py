@@ -305,9 +305,11 @@ class _EventMessages:
     """Each event's FileEvent, built once however many readers send it.
 
     Keyed by the event's version (one per change); the most recent `size` are kept.
+    Readers that keep up are a few events behind the newest; one further back
+    builds its own, so a stalled reader holds no more memory than its queue.
     """
 
-    def __init__(self, size: int = 16_384) -> None:
+    def __init__(self, size: int = 1024) -> None:
         self._size = size
         self._built: dict[int, pb.FileEvent] = {}
 
