@@ -9,6 +9,7 @@ each name since the last batch is sent.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class FolderState:
         Called once after the initial scan (the Go watcher's seqno is 1 there).
         """
         self._dirty.clear()
+        self._ring.clear()
         self._first_observed_ns = None
         self.sequence = sequence
 
@@ -175,9 +177,11 @@ class FolderState:
             return None
         if sequence == self.sequence:
             return []
-        if not self._ring or self._ring[0].sequence > sequence + 1:
+        ring = self._ring
+        if not ring or ring[0].sequence > sequence + 1:
             return None
-        return [b for b in self._ring if b.sequence > sequence]
+        # The ring's sequences are consecutive: the first owed is at a known place.
+        return list(itertools.islice(ring, sequence + 1 - ring[0].sequence, None))
 
 
 def chunked(
