@@ -193,9 +193,21 @@ class ConnectionLimit:
         """The protocol factory of a listener."""
         return _Gate(self)
 
+    def open(self) -> int:
+        """Connections open now.
+
+        aiohttp lists a connection until its handler returns, and a streaming
+        handler (`/files/events`) whose client went away returns only at its
+        next write: the connections already lost are not counted.
+        """
+        connections = self.server.connections
+        if len(connections) < self.limit:
+            return len(connections)
+        return sum(1 for handler in connections if handler.transport is not None)
+
     def admit(self, transport: asyncio.Transport) -> None:
         """Hand a new connection to aiohttp, or close it if `limit` are open."""
-        if len(self.server.connections) >= self.limit:
+        if self.open() >= self.limit:
             transport.abort()
             self.refused += 1
             self._on_refused()

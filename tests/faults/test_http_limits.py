@@ -6,7 +6,9 @@ as in the red-team trial where 2,000 such connections stayed open for minutes.
 - `--http-idle-timeout` closes each of them that long after it connected
   (bytes trickled meanwhile do not push the deadline back).
 - `--max-connections` closes a connection beyond the limit at once, counts it in
-  `filewatch_http_connections_refused_total` and logs it (not once per connection).
+  `filewatch_http_connections_refused_total` and logs it (not once per connection);
+  a connection that went away stops counting at once, even one whose
+  `/files/events` stream is idle (its handler ends only at its next write).
 """
 
 from __future__ import annotations
@@ -154,6 +156,59 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_counted(
     lines = agg.proc.events("http_connections_refused")
     assert 1 <= len(lines) <= 2, "refusals are logged at most once per 10 s"
     assert lines[0]["limit"] == limit
+
+
+EVENTS_REQUEST = b"GET /files/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+SSE_KEEPALIVE = 15.0  # the aggregator's: an idle stream's next write, where it sees a gone client
+
+
+def _event_stream(port: int) -> socket.socket | None:
+    """A `/files/events` stream whose first event has come, or None if it was turned away."""
+    sock = socket.create_connection((HOST, port), timeout=2)
+    try:
+        sock.sendall(EVENTS_REQUEST)
+        head = b""
+        while b"\n\n" not in head.partition(b"\r\n\r\n")[2]:  # the headers, then one event
+            data = sock.recv(4096)
+            if not data:
+                break
+            head += data
+    except OSError:  # reset: refused
+        head = b""
+    if head.startswith(b"HTTP/1.1 200"):
+        return sock
+    sock.close()
+    return None
+
+
+def test_event_streams_whose_clients_left_free_their_places_at_once(
+    start_aggregator: AggregatorFactory,
+) -> None:
+    limit = 20
+    agg = start_aggregator("--max-connections", str(limit))
+    streams = [_event_stream(agg.http_port) for _ in range(limit)]
+    assert all(streams)
+    assert _event_stream(agg.http_port) is None  # the limit is reached
+    for sock in streams:
+        assert sock is not None
+        sock.close()
+    left = time.monotonic()
+    again: list[socket.socket] = []
+    try:
+
+        def admitted() -> int:
+            sock = _event_stream(agg.http_port)
+            if sock is not None:
+                again.append(sock)
+            return len(again)
+
+        wait_for(admitted, SSE_KEEPALIVE / 3, until=lambda n: n == limit, what="new streams")
+        measured(
+            f"{limit} idle event streams closed -> {limit} new ones open", time.monotonic() - left
+        )
+    finally:
+        for sock in again:
+            sock.close()
 
 
 @pytest.mark.timeout(60)
