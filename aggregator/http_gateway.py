@@ -9,6 +9,7 @@ cache (with its gzip form and ETag) to every reader.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import secrets
 import time
@@ -121,28 +122,43 @@ class FilesBodies:
         return body
 
     def _join(self, detail: bool, tail: bytes) -> bytes:
-        """The body: cached segments and fresh ones, separators interleaved, one join.
+        """The body: cached segments and fresh ones, separators interleaved.
 
-        The cache then keeps each segment as a view into this body, not a copy
-        of its own: the encoded list is held once.
+        After a change nearly every segment is cached, and one join copies them
+        with the few fresh ones. A first build (nothing cached) writes each page
+        as soon as it is encoded instead: the encoded pages are never all held
+        beside the body, and the page-sized blocks they would take are not left
+        behind in the C allocator once freed (about 10 B per file at 1M files).
+        Either way the cache then keeps each segment as a view into this body,
+        not a copy of its own: the encoded list is held once.
         """
         cached = self._segments[detail]
         pages = self._index.pages()
-        pieces: list[bytes | memoryview] = [_HEAD]
-        for page in pages:
-            known = cached.get(page.serial)
-            pieces += (
-                encode_page(self._index, page.keys, detail) if known is None else known,
-                b",",
-            )
-        if pages:
-            pieces.pop()  # the last comma
-        pieces.append(tail)
-        plain = b"".join(pieces)
+        lengths: list[int] = []
+        if cached:
+            pieces: list[bytes | memoryview] = [_HEAD]
+            for page in pages:
+                known = cached.get(page.serial)
+                segment = encode_page(self._index, page.keys, detail) if known is None else known
+                pieces += (segment, b",")
+                lengths.append(len(segment))
+            if pages:
+                pieces.pop()  # the last comma
+            pieces.append(tail)
+            plain = b"".join(pieces)
+        else:
+            out = io.BytesIO()
+            out.write(_HEAD)
+            for n, page in enumerate(pages):
+                if n:
+                    out.write(b",")
+                lengths.append(out.write(encode_page(self._index, page.keys, detail)))
+            out.write(tail)
+            plain = out.getvalue()  # the buffer itself, not a copy
         view, offset, fresh = memoryview(plain), len(_HEAD), {}
-        for page, segment in zip(pages, pieces[1:-1:2], strict=True):
-            fresh[page.serial] = view[offset : offset + len(segment)]
-            offset += len(segment) + 1  # and its comma
+        for page, length in zip(pages, lengths, strict=True):
+            fresh[page.serial] = view[offset : offset + length]
+            offset += length + 1  # and its comma
         self._segments[detail] = fresh  # pages that changed or went are forgotten
         return plain
 
