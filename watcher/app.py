@@ -65,6 +65,7 @@ class Watcher:
             rescan_interval=config.rescan_interval,
             check_interval=config.folder_check_interval,
             observer=config.observer,
+            read_interval=config.batch_interval,
         )
         r = self.registry
         # Not filewatch_watcher_files: the aggregator exports that name (files per

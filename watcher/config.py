@@ -64,8 +64,9 @@ class WatcherConfig:
     batch_delay: float = 0.0
     """Seconds to wait for more changes before sending a batch (0: send at once)."""
     batch_interval: float = 0.005
-    """Least seconds between two batches while changes keep coming; a change after a
-    quieter spell goes at once (0: every change as soon as the previous batch is written)."""
+    """Least seconds between two batches while changes keep coming, and between two reads
+    of the folder's inotify events; a change after a quieter spell goes at once (0: every
+    change as soon as the previous batch is written)."""
     resend_buffer: int = 1024
     """Recent batches kept to resume a broken stream without a full snapshot."""
     chunk_bytes: int = 1024 * 1024
@@ -198,7 +199,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--batch-delay", help="seconds to gather changes before a batch")
     opt(
         "--batch-interval",
-        help="least seconds between batches while changes keep coming (a lone change goes at once)",
+        help="least seconds between batches, and reads of inotify events, while changes keep "
+        "coming (a lone change goes at once)",
     )
     opt("--resend-buffer", help="batches kept for resume")
     opt("--chunk-bytes", help="snapshot chunk size")

@@ -44,6 +44,8 @@ class FolderWatch:
         rescan_interval: seconds between rescans (jittered); 0 for none.
         check_interval: seconds between checks of the folder's identity.
         observer: which observer follows the folder (`watcher.observers.KINDS`).
+        read_interval: least seconds between two reads of the folder's events while
+            they keep coming (the batch interval: a batch cannot leave sooner).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class FolderWatch:
         rescan_interval: float,
         check_interval: float,
         observer: str = "auto",
+        read_interval: float = 0.0,
     ) -> None:
         self.path = path
         self.state = state
@@ -65,6 +68,7 @@ class FolderWatch:
         self._rescan_interval = rescan_interval
         self._check_interval = check_interval
         self._observer_kind = observer
+        self._read_interval = read_interval
         self._observer: Observer | None = None
         self._rescan_now = asyncio.Event()  # the kernel dropped events: rescan at once
         self._ident: tuple[int, int] | None = None
@@ -85,6 +89,7 @@ class FolderWatch:
             asyncio.get_running_loop(),
             self.observe,
             self._rescan_now.set,
+            read_interval=self._read_interval,
         )
         self._observer.start()
         started = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -136,3 +137,34 @@ async def test_the_inotify_observer_ends_when_its_folder_is_moved_away(
     await observer.stop()  # a second stop is harmless
     await asyncio.sleep(0)  # a callback already queued would run here
     assert len(rec.seen) == seen
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+async def test_inotify_reads_what_comes_within_the_read_interval_together(tmp_path: Path) -> None:
+    """A change after a quiet spell is read at once; those right behind it, in one read."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    rec = Recorder()
+    observer = make_observer(
+        "inotify",
+        os.fsencode(folder),
+        asyncio.get_running_loop(),
+        rec.sink,
+        rec.overflowed,
+        read_interval=1.0,  # far longer than the burst below takes
+    )
+    observer.start()
+    try:
+        os.close(os.open(folder / "first.txt", os.O_WRONLY | os.O_CREAT))  # one event
+        await _until_state(rec, b"first.txt", (0, os.stat(folder / "first.txt").st_mtime_ns), "1")
+        assert len(rec.seen) == 1
+        names = [f"burst-{i:02d}".encode() for i in range(30)]
+        for name in names:
+            (folder / os.fsdecode(name)).write_bytes(b"yy")
+            await asyncio.sleep(0.001)  # the loop could read each: a source of events, no wait
+        await _until_state(rec, names[-1], (2, os.stat(folder / "burst-29").st_mtime_ns), "burst")
+        assert len(rec.seen) == 2, [sorted(n for n, _ in obs) for obs in rec.seen]
+        assert sorted(n for n, _ in rec.seen[1]) == names
+        assert rec.overflows == 0
+    finally:
+        await observer.stop()
