@@ -27,6 +27,8 @@ from gen import filewatch_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
+SERVICE = pb.DESCRIPTOR.services_by_name["FileIndex"].full_name
+
 MAX_EVENTS_PER_MESSAGE = 1000
 """The most changes sent together in one `events` message, whatever a reader asks."""
 
@@ -160,7 +162,7 @@ class FileIndexService(pb_grpc.FileIndexServicer):
                 return
         else:
             for event in backlog:
-                if not await self._send(context, sub, self._events.response(event)):
+                if not await self._send(context, sub, self._events.alone(event)):
                     return
             del backlog
         together = min(request.max_events_per_message, MAX_EVENTS_PER_MESSAGE)
@@ -169,12 +171,11 @@ class FileIndexService(pb_grpc.FileIndexServicer):
             if item is None:
                 return
             if together <= 1:
-                if not await self._send(context, sub, self._events.response(item)):
+                if not await self._send(context, sub, self._events.alone(item)):
                     return
                 continue
-            events, ended = self._events.waiting(sub, item, together)
-            message = pb.WatchFilesResponse(events=pb.FileEvents(events=events))
-            if not await self._send(context, sub, message) or ended:
+            data, ended = self._events.waiting(sub, item, together)
+            if not await self._send(context, sub, data) or ended:
                 return
 
     async def _send_list(self, context: grpc.aio.ServicerContext, sub: Subscriber) -> bool:
@@ -212,15 +213,13 @@ class FileIndexService(pb_grpc.FileIndexServicer):
                 list=pb.ListChunk(files=[entry_to_pb(e) for e in page], version=version, done=done)
             )
             del page
-            if not await self._send(context, sub, message):
+            if not await self._send(context, sub, message.SerializeToString()):
                 return False
             if done:
                 return True
 
-    async def _send(
-        self, context: grpc.aio.ServicerContext, sub: Subscriber, message: pb.WatchFilesResponse
-    ) -> bool:
-        """Write one message; False if the reader is closed or did not take it in time (dropped).
+    async def _send(self, context: grpc.aio.ServicerContext, sub: Subscriber, data: bytes) -> bool:
+        """Write one serialized message; False if the reader is closed or did not take it in time.
 
         A write waits while the reader's flow-control window is full: one that
         waits `write_timeout` seconds means a reader that does not read.
@@ -229,7 +228,7 @@ class FileIndexService(pb_grpc.FileIndexServicer):
             return False
         try:
             async with asyncio.timeout(self._write_timeout):
-                await context.write(message)
+                await context.write(data)
         except TimeoutError:
             self._store.drop(
                 sub,
@@ -302,42 +301,84 @@ def _file_event(event: Event) -> pb.FileEvent:
 
 
 class _EventMessages:
-    """Each event's FileEvent, built once however many readers send it.
+    """Each event's message, built and serialized once however many readers send it.
 
-    Keyed by the event's version (one per change); the most recent `size` are kept.
-    Readers that keep up are a few events behind the newest; one further back
-    builds its own, so a stalled reader holds no more memory than its queue.
+    Two forms: `alone`, a message of its own (`event`), and `grouped`, a message
+    whose `events` holds it alone. Serialized protobuf messages concatenate into
+    their merge, and a repeated field merges by appending: grouped forms joined
+    are one message whose `events` holds them all, in order. So a reader's
+    message of many events is a join of shared bytes, not a copy of each event.
+
+    Keyed by the event's version (one per change); the most recent `size` of
+    each form are kept. Readers that keep up are a few events behind the
+    newest; one further back builds its own, so a stalled reader holds no more
+    memory than its queue.
     """
 
     def __init__(self, size: int = 1024) -> None:
         self._size = size
-        self._built: dict[int, pb.FileEvent] = {}
+        self._alone: dict[int, bytes] = {}
+        self._grouped: dict[int, bytes] = {}
 
-    def get(self, event: Event) -> pb.FileEvent:
-        """The FileEvent of `event`."""
-        built = self._built
-        message = built.get(event.version)
-        if message is None:
-            if len(built) >= self._size:
-                del built[next(iter(built))]  # the oldest (dicts keep insertion order)
-            message = built[event.version] = _file_event(event)
-        return message
-
-    def response(self, event: Event) -> pb.WatchFilesResponse:
+    def alone(self, event: Event) -> bytes:
         """`event` as a message of its own."""
-        return pb.WatchFilesResponse(event=self.get(event))
+        data = self._alone.get(event.version)
+        if data is None:
+            message = pb.WatchFilesResponse(event=_file_event(event))
+            data = self._keep(self._alone, event.version, message.SerializeToString())
+        return data
 
-    def waiting(self, sub: Subscriber, first: Event, most: int) -> tuple[list[pb.FileEvent], bool]:
-        """`first` and the events queued behind it, up to `most`; and whether the end came."""
-        get = self.get
-        events = [get(first)]
+    def grouped(self, event: Event) -> bytes:
+        """`event` as a message of `events` holding it alone."""
+        data = self._grouped.get(event.version)
+        if data is None:
+            message = pb.WatchFilesResponse(events=pb.FileEvents(events=[_file_event(event)]))
+            data = self._keep(self._grouped, event.version, message.SerializeToString())
+        return data
+
+    def _keep(self, built: dict[int, bytes], version: int, data: bytes) -> bytes:
+        if len(built) >= self._size:
+            del built[next(iter(built))]  # the oldest (dicts keep insertion order)
+        built[version] = data
+        return data
+
+    def waiting(self, sub: Subscriber, first: Event, most: int) -> tuple[bytes, bool]:
+        """`first` and the events queued behind it, up to `most`, as one message; and whether
+        the end came.
+        """
+        grouped = self.grouped
+        parts = [grouped(first)]
         queue = sub.queue
-        while len(events) < most and not queue.empty():
+        ended = False
+        while len(parts) < most and not queue.empty():
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:  # only skipped events were left
                 break
             if item is None:
-                return events, True
-            events.append(get(item))
-        return events, False
+                ended = True
+                break
+            parts.append(grouped(item))
+        return b"".join(parts), ended
+
+
+def add_file_index(service: FileIndexService, server: grpc.aio.Server) -> None:
+    """Serve `service` as `filewatch.v1.FileIndex`.
+
+    As the generated `add_FileIndexServicer_to_server`, except that WatchFiles
+    writes messages it serialized itself (see `_EventMessages`).
+    """
+    handlers = {
+        "ListFiles": grpc.unary_unary_rpc_method_handler(
+            service.ListFiles,
+            request_deserializer=pb.ListFilesRequest.FromString,
+            response_serializer=pb.ListFilesResponse.SerializeToString,
+        ),
+        "WatchFiles": grpc.unary_stream_rpc_method_handler(
+            service.WatchFiles,
+            request_deserializer=pb.WatchFilesRequest.FromString,
+            response_serializer=None,  # bytes, as they are
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from aggregator.config import AggregatorConfig, parse_hostport
 from aggregator.errors import StartupError
-from aggregator.grpc_read import FileIndexService
+from aggregator.grpc_read import FileIndexService, add_file_index
 from aggregator.grpc_sync import SyncService
 from aggregator.sessions import Sessions
 from aggregator.store import Store
@@ -93,7 +93,7 @@ class GrpcServer:
         )
         pb_grpc.add_WatcherSyncServicer_to_server(sync, server)
         readers = FileIndexService(store, write_timeout=config.reader_write_timeout)
-        pb_grpc.add_FileIndexServicer_to_server(readers, server)
+        add_file_index(readers, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
