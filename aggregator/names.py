@@ -9,7 +9,8 @@ the exact bytes.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import functools
+import time
 
 
 def display_name(raw: bytes) -> str:
@@ -38,6 +39,12 @@ def invalid_name_reason(raw: bytes) -> str | None:
 
 
 def rfc3339(mtime_ns: int) -> str:
-    """An mtime (ns since the epoch) in RFC 3339, UTC, microsecond precision."""
-    dt = datetime.fromtimestamp(mtime_ns / 1e9, UTC)
-    return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """An mtime (ns since the epoch) in RFC 3339, UTC, to the microsecond (truncated)."""
+    seconds, ns = divmod(mtime_ns, 1_000_000_000)
+    return f"{_utc_second(seconds)}.{ns // 1000:06d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_second(seconds: int) -> str:
+    """The date and time of a second since the epoch; files changed together share it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
