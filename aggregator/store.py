@@ -196,6 +196,7 @@ class Store:
         # node -> its (sequence_behind, last_seen) children: `labels()` costs more
         # than the `set()` itself, and every heartbeat sets both.
         self._position_gauges: dict[str, tuple[Gauge, Gauge]] = {}
+        self._files_gauges: dict[str, Gauge] = {}  # node -> its watcher_files: every batch
         # The same for what every applied batch counts (fixed label sets).
         self._change_counters = {k: metrics.changes.labels(v) for k, v in _OP_LABEL.items()}
         self._lag_histograms: dict[str, Histogram] = {}
@@ -276,6 +277,7 @@ class Store:
         events = self.index.remove_watcher(node)
         self._applied(node, events)
         self._position_gauges.pop(node, None)
+        self._files_gauges.pop(node, None)
         for gauge in (
             self.metrics.watcher_files,
             self.metrics.sequence_behind,
@@ -290,7 +292,10 @@ class Store:
             self._change_counters[kind].inc(count)
         info = self.index.watcher(node)
         if info is not None:
-            self.metrics.watcher_files.labels(node).set(info.file_count)
+            gauge = self._files_gauges.get(node)
+            if gauge is None:
+                gauge = self._files_gauges[node] = self.metrics.watcher_files.labels(node)
+            gauge.set(info.file_count)
         self.metrics.files.set(len(self.index))
         self.publish(events)
 

@@ -356,3 +356,20 @@ async def test_heartbeats_set_the_position_gauges_again_after_a_rejoin(
         assert await peer.status() == grpc.StatusCode.OK
         # A watcher that left has no series left behind.
         assert aggregator.metrics.registry.get_sample_value(last_seen, {"node": "node-a"}) is None
+
+
+async def test_the_files_gauge_follows_batches_and_comes_back_after_a_rejoin(
+    aggregator: Aggregator, channel: Any
+) -> None:
+    files = "filewatch_watcher_files"
+    for round_ in range(2):
+        peer = Peer(channel, "node-a")
+        await peer.join([b"a.txt"])
+        assert sample(aggregator, files, node="node-a") == 1, f"round {round_}"
+        await peer.batch(1, add(b"b.txt"), add(b"c.txt"))
+        await peer.batch(2, remove(b"a.txt"))
+        assert (await peer.heartbeat(sequence=2)).WhichOneof("kind") == "ack"
+        assert sample(aggregator, files, node="node-a") == 2, f"round {round_}"
+        await peer.send(pb.WatcherMessage(goodbye=pb.Goodbye()))
+        assert await peer.status() == grpc.StatusCode.OK
+        assert aggregator.metrics.registry.get_sample_value(files, {"node": "node-a"}) is None
