@@ -11,8 +11,9 @@ names (bisect), and the body `{"files":[{"filename":...},...]}` is encoded
 (orjson) at most once per version of that list and served with an ETag
 (`If-None-Match` -> 304), as the aggregator serves it. Only what the bench
 measures is here: files created, deleted and moved in or out of one folder
-(no subfolders, no stats). Logs one JSON line `{"event": "lag_floor_started",
-"http": "HOST:PORT", "files": N}` when it serves; SIGTERM or SIGINT stops it.
+(no subfolders, no stats), and `PATCH /files`, parsed and answered 200. Logs
+one JSON line `{"event": "lag_floor_started", "http": "HOST:PORT", "files": N}`
+when it serves; SIGTERM or SIGINT stops it.
 Bench code, not product code: it exists to be compared with.
 """
 
@@ -164,6 +165,16 @@ async def get_files(request: web.Request) -> web.Response:
     )
 
 
+async def patch_files(request: web.Request) -> web.Response:
+    """PATCH /files: the body parsed as JSON, then 200, nothing applied.
+
+    The least a Python HTTP server does per legacy PATCH: the reference for the
+    aggregator's CPU per PATCH (lag_legacy).
+    """
+    orjson.loads(await request.read())
+    return web.Response()
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     """GET /healthz: {"status": "ok", "files": N}."""
     count = len(request.app[LISTING].names)
@@ -184,6 +195,7 @@ async def serve(folder: str, host: str, port: int) -> None:
     app.router.add_get("/files/", get_files)
     app.router.add_get("/files", get_files)
     app.router.add_get("/healthz", get_healthz)
+    app.router.add_patch("/files", patch_files)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:

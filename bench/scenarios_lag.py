@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import random
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from bench.harness import (
     http_get,
     human,
     listed,
+    metric_total,
     not_listed,
     ratio,
     run_async,
@@ -125,6 +128,7 @@ class _LagRun:
     deletes: list[float] = field(default_factory=list)
     agg_delete_p50: float = math.nan
     agg_delete_p99: float = math.nan
+    cost: dict[str, float] = field(default_factory=dict)  # see _change_cost (0 other files)
 
 
 SYNC_LAG = "filewatch_sync_lag_seconds"
@@ -176,6 +180,102 @@ def _no_histogram() -> dict[float, float]:
     return {}
 
 
+COST_RATE = 200.0  # changes per second: one at a time (5 ms apart), as a quiet folder sees them
+COST_CHANGES = 1000
+IDLE_SECONDS = 3.0
+
+
+def _requests(port: int, route: str) -> float:
+    """Requests answered 200 on one route, from the aggregator's /metrics."""
+    wanted = f'filewatch_http_requests_total{{route="{route}",status="200"}}'
+    _, _, body = http_get(port, "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _idle_percent(pid: int) -> float:
+    idle = CpuWindow([pid])
+    idle.start()
+    time.sleep(IDLE_SECONDS)
+    return idle.stop()[0]
+
+
+def _floor_patch_cost(pid: int, port: int) -> dict[str, float]:
+    """lag_floor's CPU per PATCH (parsed, answered 200), paced as in _change_cost."""
+    idle_percent = _idle_percent(pid)
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    instance = str(uuid.uuid4())
+    try:
+        cpu = CpuWindow([pid])
+        cpu.start()
+        t0 = time.perf_counter()
+        for i in range(COST_CHANGES):
+            pause = t0 + i / COST_RATE - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            op = {"instance": instance, "op": "add", "value": {"filename": f"cost-{i:05d}"}}
+            conn.request("PATCH", "/files", orjson.dumps([{**op, "seqno": i + 2}]), headers)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise BenchError(f"lag_floor answered a PATCH {resp.status}")
+        percent = cpu.stop()[0]
+    finally:
+        conn.close()
+    busy_s = max(0.0, percent - idle_percent) / 100 * cpu.seconds
+    return {
+        "patches": float(COST_CHANGES),
+        "idle_cpu_percent": idle_percent,
+        "cpu_percent": percent,
+        "us_per_patch": busy_s / COST_CHANGES * 1e6,
+    }
+
+
+def _change_cost(agg: AggregatorProc, folder: Path, protocol: str) -> dict[str, float]:
+    """The aggregator's CPU per change when changes come one at a time and nobody reads.
+
+    The aggregator's CPU over an idle spell is measured first, then over
+    COST_CHANGES creates and deletes paced at COST_RATE a second; the idle rate
+    over the same time is subtracted. Legacy: per PATCH, counted by the
+    aggregator (the watcher sends each change as its own PATCH at this pace).
+    """
+    idle_percent = _idle_percent(agg.pid)
+    applied0 = metric_total(agg.http_port, "filewatch_changes_applied_total")
+    patches0 = _requests(agg.http_port, "/files") if protocol == "legacy" else 0.0
+    paths = [folder / f"cost-{i:05d}" for i in range(COST_CHANGES // 2)]
+    cpu = CpuWindow([agg.pid])
+    cpu.start()
+    t0 = time.perf_counter()
+    for i, (act, path) in enumerate([(_touch, p) for p in paths] + [(os.unlink, p) for p in paths]):
+        pause = t0 + i / COST_RATE - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        act(path)
+    deadline = time.monotonic() + 30
+    while (
+        metric_total(agg.http_port, "filewatch_changes_applied_total") - applied0 < len(paths) * 2
+    ):
+        if time.monotonic() > deadline:
+            raise BenchError("the paced changes were not all applied within 30 s")
+        time.sleep(0.05)
+    percent = cpu.stop()[0]
+    busy_s = max(0.0, percent - idle_percent) / 100 * cpu.seconds
+    changes = metric_total(agg.http_port, "filewatch_changes_applied_total") - applied0
+    out = {
+        "changes": changes,
+        "idle_cpu_percent": idle_percent,
+        "cpu_percent": percent,
+        "us_per_change": busy_s / changes * 1e6,
+    }
+    if protocol == "legacy":
+        patches = _requests(agg.http_port, "/files") - patches0
+        out |= {"patches": patches, "us_per_patch": busy_s / patches * 1e6}
+    return out
+
+
 def _lag_protocol(ctx: Context, protocol: str) -> dict[int, _LagRun]:
     """Lags (ms) of single creations and deletions through one protocol, at 0 and N other files."""
     procs = ctx.procs(f"lag-{protocol}")
@@ -205,6 +305,11 @@ def _lag_protocol(ctx: Context, protocol: str) -> dict[int, _LagRun]:
                         f"lag-{protocol}",
                         lambda: histogram(agg.http_port, SYNC_LAG, protocol=label),
                     )
+                poller.close()  # no reader while the cost is measured
+                if not background:
+                    say(f"lag {protocol}: aggregator CPU per change, {COST_CHANGES} paced changes")
+                    with ctx.profiled(agg.pid, f"lag_{protocol}:aggregator:paced changes"):
+                        out[background].cost = _change_cost(agg, folder, protocol)
             finally:
                 poller.close()
                 procs.stop(watcher.proc)
@@ -229,13 +334,16 @@ def _lag_floor(ctx: Context) -> _LagRun:
             script=True,
         )
         started = proc.wait_event(FLOOR_STARTED)
-        poller = FilesPoller(int(str(started["http"]).rsplit(":", 1)[1]))
+        port = int(str(started["http"]).rsplit(":", 1)[1])
+        poller = FilesPoller(port)
         try:
             poller.settle()
             with ctx.profiled(proc.pid, "lag_floor:floor:0 files"):
                 run = _trials(ctx, poller, folder, "lag-floor", _no_histogram)
         finally:
             poller.close()
+        say(f"lag floor: CPU per PATCH, {COST_CHANGES} paced PATCHes")
+        run.cost = _floor_patch_cost(proc.pid, port)
         if procs.stop(proc) != 0:
             raise BenchError(f"lag_floor.py exited {proc.popen.returncode}:\n{proc.tail()}")
     finally:
@@ -290,6 +398,7 @@ def run_lag(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
             Check(f"p99, {human(big)} other files", b["p99"], 25, "ms"),
         ]
         res.notes += [method, AGG_NOTE + "watcher observed the change (its clock) -> applied"]
+        _cost_table(res, runs[0].cost)
         results.append(res)
     if "legacy" in measured:
         runs = measured["legacy"]
@@ -318,11 +427,41 @@ def run_lag(ctx: Context, selected: frozenset[str]) -> list[ScenarioResult]:
         else:
             res.notes.append("ratio gRPC/legacy: run lag_grpc in the same run to get it")
         res.notes += [method, AGG_NOTE + "the PATCH arrived -> applied (no watcher clock)"]
+        if _cost_table(res, runs[0].cost):
+            per_patch = runs[0].cost["us_per_patch"]
+            res.checks.append(Check("aggregator CPU per PATCH", per_patch, 100, "us"))
+            if floor is not None and floor.cost:
+                base = floor.cost["us_per_patch"]
+                res.figures["cpu_per_patch_ratio_to_floor"] = ratio(per_patch, base)
+                res.notes.append(
+                    f"CPU per PATCH: {per_patch:.0f} us, lag_floor's bare aiohttp PATCH handler "
+                    f"{base:.0f} us in the same run ({ratio(per_patch, base):.2f} x)"
+                )
         results.append(res)
     return results
 
 
 AGG_NOTE = "agg p50/p99: the aggregator's filewatch_sync_lag_seconds histogram over the trials: "
+
+
+def _cost_table(res: ScenarioResult, cost: dict[str, float]) -> bool:
+    """The aggregator's CPU per change (and per PATCH) into `res`; False if not measured."""
+    if not cost:
+        return False
+    columns = ["changes", "agg CPU % idle", "agg CPU %", "us per change"]
+    row: list[object] = [cost["changes"], cost["idle_cpu_percent"], cost["cpu_percent"]]
+    row.append(cost["us_per_change"])
+    if "patches" in cost:
+        columns += ["PATCHes", "us per PATCH"]
+        row += [cost["patches"], cost["us_per_patch"]]
+    res.tables.append(Table(columns, [row], caption="aggregator CPU per change, 0 other files"))
+    res.figures["aggregator_cpu_per_change"] = cost
+    res.notes.append(
+        f"CPU per change: {COST_CHANGES} creates then deletes, {COST_RATE:g} a second, no "
+        "reader; the aggregator's CPU over that time minus its idle rate (measured just before), "
+        "divided by the changes it applied (legacy: also by the PATCHes it answered)"
+    )
+    return True
 
 
 def _method(ctx: Context) -> str:
@@ -359,6 +498,20 @@ def _floor_result(ctx: Context, floor: _LagRun | None, error: str | None = None)
         _method(ctx),
         "the same probe (FilesPoller) as lag_grpc and lag_legacy, in the same run",
     ]
+    if floor.cost:
+        c = floor.cost
+        res.tables.append(
+            Table(
+                ["PATCHes", "CPU % idle", "CPU %", "us per PATCH"],
+                [[c["patches"], c["idle_cpu_percent"], c["cpu_percent"], c["us_per_patch"]]],
+                caption="CPU per PATCH /files (parsed, answered 200, nothing applied)",
+            )
+        )
+        res.figures["cpu_per_patch"] = c
+        res.notes.append(
+            f"CPU per PATCH: {COST_CHANGES} one-op PATCHes from the bench on one keep-alive "
+            f"connection, {COST_RATE:g} a second; CPU over that time minus the idle rate"
+        )
     return res
 
 
