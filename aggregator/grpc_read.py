@@ -39,19 +39,24 @@ _KINDS = {
 }
 
 
-def entry_to_pb(entry: Entry) -> pb.FileEntry:
-    """A core entry as a proto FileEntry."""
-    return pb.FileEntry(
-        # A proto string must be valid UTF-8: undecodable bytes become U+FFFD
-        # here; raw_name carries the exact bytes.
-        filename=entry.raw_name.decode("utf-8", "replace"),
-        raw_name=entry.raw_name,
-        node=entry.node,
-        # Unknown (a legacy watcher's file): size and time 0, and `modified` empty.
-        size=entry.size or 0,
-        modified_unix_ns=entry.mtime_ns or 0,
-        modified="" if entry.mtime_ns is None else rfc3339(entry.mtime_ns),
-    )
+def set_entry(out: pb.FileEntry, entry: Entry) -> None:
+    """Fill `out` with a core entry.
+
+    `out` is a field of the message being built (`files.add()`, `event.entry`):
+    filled in place, an entry is not built aside and then copied in, which
+    takes twice as long.
+    """
+    # A proto string must be valid UTF-8: undecodable bytes become U+FFFD
+    # here; raw_name carries the exact bytes.
+    out.filename = entry.raw_name.decode("utf-8", "replace")
+    out.raw_name = entry.raw_name
+    out.node = entry.node
+    # Unknown (a legacy watcher's file): size and time left 0, `modified` empty.
+    if entry.size is not None:
+        out.size = entry.size
+    if entry.mtime_ns is not None:
+        out.modified_unix_ns = entry.mtime_ns
+        out.modified = rfc3339(entry.mtime_ns)
 
 
 def encode_page_token(entry: Entry) -> str:
@@ -117,12 +122,13 @@ class FileIndexService(pb_grpc.FileIndexServicer):
         if page and index.has_after(page[-1]):
             next_token = encode_page_token(page[-1])
         self._store.metrics.grpc_requests.labels("ListFiles", "OK").inc()
-        return pb.ListFilesResponse(
-            files=[entry_to_pb(e) for e in page],
-            version=index.version,
-            count=len(index),
-            next_page_token=next_token,
+        response = pb.ListFilesResponse(
+            version=index.version, count=len(index), next_page_token=next_token
         )
+        add = response.files.add
+        for entry in page:
+            set_entry(add(), entry)
+        return response
 
     async def WatchFiles(  # type: ignore[override]
         self,
@@ -209,9 +215,10 @@ class FileIndexService(pb_grpc.FileIndexServicer):
                 last = page[-1]
                 after = (last.raw_name, last.node)
                 sub.cursor = make_key(last.raw_name, node_suffix(last.node))
-            message = pb.WatchFilesResponse(
-                list=pb.ListChunk(files=[entry_to_pb(e) for e in page], version=version, done=done)
-            )
+            message = pb.WatchFilesResponse(list=pb.ListChunk(version=version, done=done))
+            add = message.list.files.add
+            for entry in page:
+                set_entry(add(), entry)
             del page
             if not await self._send(context, sub, message.SerializeToString()):
                 return False
@@ -294,10 +301,10 @@ def _cut(page: tuple[Entry, ...], budget: int) -> tuple[Entry, ...]:
     return page
 
 
-def _file_event(event: Event) -> pb.FileEvent:
-    return pb.FileEvent(
-        kind=_KINDS[event.kind], entry=entry_to_pb(event.entry), version=event.version
-    )
+def _set_event(out: pb.FileEvent, event: Event) -> None:
+    out.kind = _KINDS[event.kind]
+    out.version = event.version
+    set_entry(out.entry, event.entry)
 
 
 class _EventMessages:
@@ -324,7 +331,8 @@ class _EventMessages:
         """`event` as a message of its own."""
         data = self._alone.get(event.version)
         if data is None:
-            message = pb.WatchFilesResponse(event=_file_event(event))
+            message = pb.WatchFilesResponse()
+            _set_event(message.event, event)
             data = self._keep(self._alone, event.version, message.SerializeToString())
         return data
 
@@ -332,7 +340,8 @@ class _EventMessages:
         """`event` as a message of `events` holding it alone."""
         data = self._grouped.get(event.version)
         if data is None:
-            message = pb.WatchFilesResponse(events=pb.FileEvents(events=[_file_event(event)]))
+            message = pb.WatchFilesResponse()
+            _set_event(message.events.events.add(), event)
             data = self._keep(self._grouped, event.version, message.SerializeToString())
         return data
 
