@@ -83,6 +83,10 @@ class Sizes:
 
     lag_trials: int = 200
     lag_background: int = 100_000
+    cost_changes: int = 1000
+    """Changes paced one at a time while the CPU per change is measured (lag_*)."""
+    cost_idle: float = 3.0
+    """Seconds of idle CPU measured before them, to subtract."""
     churn_watchers: int = 10
     churn_rate: int = 500
     churn_seconds: float = 60.0
@@ -119,6 +123,8 @@ FULL = Sizes()
 QUICK = Sizes(
     lag_trials=5,
     lag_background=1000,
+    cost_changes=100,
+    cost_idle=0.5,
     churn_watchers=2,
     churn_rate=100,
     churn_seconds=2.0,

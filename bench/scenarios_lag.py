@@ -42,6 +42,7 @@ from bench.harness import (
     FilesPoller,
     Procs,
     ScenarioResult,
+    Sizes,
     Table,
     healthz,
     histogram,
@@ -181,8 +182,6 @@ def _no_histogram() -> dict[float, float]:
 
 
 COST_RATE = 200.0  # changes per second: one at a time (5 ms apart), as a quiet folder sees them
-COST_CHANGES = 1000
-IDLE_SECONDS = 3.0
 
 
 def _requests(port: int, route: str) -> float:
@@ -195,16 +194,16 @@ def _requests(port: int, route: str) -> float:
     return 0.0
 
 
-def _idle_percent(pid: int) -> float:
+def _idle_percent(pid: int, seconds: float) -> float:
     idle = CpuWindow([pid])
     idle.start()
-    time.sleep(IDLE_SECONDS)
+    time.sleep(seconds)
     return idle.stop()[0]
 
 
-def _floor_patch_cost(pid: int, port: int) -> dict[str, float]:
+def _floor_patch_cost(z: Sizes, pid: int, port: int) -> dict[str, float]:
     """lag_floor's CPU per PATCH (parsed, answered 200), paced as in _change_cost."""
-    idle_percent = _idle_percent(pid)
+    idle_percent = _idle_percent(pid, z.cost_idle)
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     headers = {"Content-Type": "application/json"}
     instance = str(uuid.uuid4())
@@ -212,7 +211,7 @@ def _floor_patch_cost(pid: int, port: int) -> dict[str, float]:
         cpu = CpuWindow([pid])
         cpu.start()
         t0 = time.perf_counter()
-        for i in range(COST_CHANGES):
+        for i in range(z.cost_changes):
             pause = t0 + i / COST_RATE - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
@@ -227,25 +226,25 @@ def _floor_patch_cost(pid: int, port: int) -> dict[str, float]:
         conn.close()
     busy_s = max(0.0, percent - idle_percent) / 100 * cpu.seconds
     return {
-        "patches": float(COST_CHANGES),
+        "patches": float(z.cost_changes),
         "idle_cpu_percent": idle_percent,
         "cpu_percent": percent,
-        "us_per_patch": busy_s / COST_CHANGES * 1e6,
+        "us_per_patch": busy_s / z.cost_changes * 1e6,
     }
 
 
-def _change_cost(agg: AggregatorProc, folder: Path, protocol: str) -> dict[str, float]:
+def _change_cost(z: Sizes, agg: AggregatorProc, folder: Path, protocol: str) -> dict[str, float]:
     """The aggregator's CPU per change when changes come one at a time and nobody reads.
 
     The aggregator's CPU over an idle spell is measured first, then over
-    COST_CHANGES creates and deletes paced at COST_RATE a second; the idle rate
+    `z.cost_changes` creates and deletes paced at COST_RATE a second; the idle rate
     over the same time is subtracted. Legacy: per PATCH, counted by the
     aggregator (the watcher sends each change as its own PATCH at this pace).
     """
-    idle_percent = _idle_percent(agg.pid)
+    idle_percent = _idle_percent(agg.pid, z.cost_idle)
     applied0 = metric_total(agg.http_port, "filewatch_changes_applied_total")
     patches0 = _requests(agg.http_port, "/files") if protocol == "legacy" else 0.0
-    paths = [folder / f"cost-{i:05d}" for i in range(COST_CHANGES // 2)]
+    paths = [folder / f"cost-{i:05d}" for i in range(z.cost_changes // 2)]
     cpu = CpuWindow([agg.pid])
     cpu.start()
     t0 = time.perf_counter()
@@ -307,9 +306,10 @@ def _lag_protocol(ctx: Context, protocol: str) -> dict[int, _LagRun]:
                     )
                 poller.close()  # no reader while the cost is measured
                 if not background:
-                    say(f"lag {protocol}: aggregator CPU per change, {COST_CHANGES} paced changes")
+                    n = ctx.sizes.cost_changes
+                    say(f"lag {protocol}: aggregator CPU per change, {n} paced changes")
                     with ctx.profiled(agg.pid, f"lag_{protocol}:aggregator:paced changes"):
-                        out[background].cost = _change_cost(agg, folder, protocol)
+                        out[background].cost = _change_cost(ctx.sizes, agg, folder, protocol)
             finally:
                 poller.close()
                 procs.stop(watcher.proc)
@@ -342,8 +342,8 @@ def _lag_floor(ctx: Context) -> _LagRun:
                 run = _trials(ctx, poller, folder, "lag-floor", _no_histogram)
         finally:
             poller.close()
-        say(f"lag floor: CPU per PATCH, {COST_CHANGES} paced PATCHes")
-        run.cost = _floor_patch_cost(proc.pid, port)
+        say(f"lag floor: CPU per PATCH, {ctx.sizes.cost_changes} paced PATCHes")
+        run.cost = _floor_patch_cost(ctx.sizes, proc.pid, port)
         if procs.stop(proc) != 0:
             raise BenchError(f"lag_floor.py exited {proc.popen.returncode}:\n{proc.tail()}")
     finally:
@@ -457,7 +457,7 @@ def _cost_table(res: ScenarioResult, cost: dict[str, float]) -> bool:
     res.tables.append(Table(columns, [row], caption="aggregator CPU per change, 0 other files"))
     res.figures["aggregator_cpu_per_change"] = cost
     res.notes.append(
-        f"CPU per change: {COST_CHANGES} creates then deletes, {COST_RATE:g} a second, no "
+        f"CPU per change: {cost['changes']:.0f} creates then deletes, {COST_RATE:g} a second, no "
         "reader; the aggregator's CPU over that time minus its idle rate (measured just before), "
         "divided by the changes it applied (legacy: also by the PATCHes it answered)"
     )
@@ -509,7 +509,7 @@ def _floor_result(ctx: Context, floor: _LagRun | None, error: str | None = None)
         )
         res.figures["cpu_per_patch"] = c
         res.notes.append(
-            f"CPU per PATCH: {COST_CHANGES} one-op PATCHes from the bench on one keep-alive "
+            f"CPU per PATCH: {c['patches']:.0f} one-op PATCHes from the bench on one keep-alive "
             f"connection, {COST_RATE:g} a second; CPU over that time minus the idle rate"
         )
     return res
