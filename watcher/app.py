@@ -66,6 +66,7 @@ class Watcher:
             check_interval=config.folder_check_interval,
             observer=config.observer,
             read_interval=config.batch_interval,
+            read_interval_max=config.batch_interval_max,
         )
         r = self.registry
         # Not filewatch_watcher_files: the aggregator exports that name (files per

@@ -67,6 +67,11 @@ class WatcherConfig:
     """Least seconds between two batches while changes keep coming, and between two reads
     of the folder's inotify events; a change after a quieter spell goes at once (0: every
     change as soon as the previous batch is written)."""
+    batch_interval_max: float = 0.02
+    """The most the interval between two reads of the folder's inotify events grows to
+    while changes keep coming: it doubles from `batch_interval` after each read that
+    finds changes waiting, and falls back when one finds none (never below
+    `batch_interval`)."""
     resend_buffer: int = 1024
     """Recent batches kept to resume a broken stream without a full snapshot."""
     chunk_bytes: int = 1024 * 1024
@@ -84,7 +89,8 @@ class WatcherConfig:
         for name in (
             "rescan_interval", "folder_check_interval", "hello_interval",
             "heartbeat_interval", "keepalive", "http_idle_timeout",
-            "batch_delay", "batch_interval", "reconnect_min", "reconnect_max",
+            "batch_delay", "batch_interval", "batch_interval_max", "reconnect_min",
+            "reconnect_max",
         ):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
@@ -118,7 +124,12 @@ class WatcherConfig:
             raise ValueError(f"-p must be a port number, got {self.port}")
         if self.http_idle_timeout <= 0:
             raise ValueError("--http-idle-timeout must be positive")
-        if self.rescan_interval < 0 or self.batch_delay < 0 or self.batch_interval < 0:
+        if (
+            min(
+                self.rescan_interval, self.batch_delay, self.batch_interval, self.batch_interval_max
+            )
+            < 0
+        ):
             raise ValueError("intervals must not be negative")
         if (
             min(
@@ -201,6 +212,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--batch-interval",
         help="least seconds between batches, and reads of inotify events, while changes keep "
         "coming (a lone change goes at once)",
+    )
+    opt(
+        "--batch-interval-max",
+        help="most seconds between reads of inotify events while changes keep coming (the "
+        "interval doubles from --batch-interval while each read finds more)",
     )
     opt("--resend-buffer", help="batches kept for resume")
     opt("--chunk-bytes", help="snapshot chunk size")

@@ -46,6 +46,7 @@ class FolderWatch:
         observer: which observer follows the folder (`watcher.observers.KINDS`).
         read_interval: least seconds between two reads of the folder's events while
             they keep coming (the batch interval: a batch cannot leave sooner).
+        read_interval_max: the most that interval grows to while each read finds more.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class FolderWatch:
         check_interval: float,
         observer: str = "auto",
         read_interval: float = 0.0,
+        read_interval_max: float = 0.0,
     ) -> None:
         self.path = path
         self.state = state
@@ -69,6 +71,7 @@ class FolderWatch:
         self._check_interval = check_interval
         self._observer_kind = observer
         self._read_interval = read_interval
+        self._read_interval_max = read_interval_max
         self._observer: Observer | None = None
         self._rescan_now = asyncio.Event()  # the kernel dropped events: rescan at once
         self._ident: tuple[int, int] | None = None
@@ -90,6 +93,7 @@ class FolderWatch:
             self.observe,
             self._rescan_now.set,
             read_interval=self._read_interval,
+            read_interval_max=self._read_interval_max,
         )
         self._observer.start()
         started = time.perf_counter()

@@ -55,16 +55,25 @@ def make_observer(
     on_overflow: Callable[[], None],
     *,
     read_interval: float = 0.0,
+    read_interval_max: float = 0.0,
 ) -> Observer:
     """An observer of `kind` (one of KINDS) on `folder`.
 
     `read_interval`: least seconds between two reads of the kernel's events
-    while they keep coming (inotify; watchdog's threads read as they come).
+    while they keep coming, growing up to `read_interval_max` while each read
+    finds more (inotify; watchdog's threads read as they come).
     """
     if resolve(kind) == "inotify":
         from watcher.inotify_events import InotifyObserver  # noqa: PLC0415 (Linux only)
 
-        return InotifyObserver(folder, loop, sink, on_overflow, read_interval)
+        return InotifyObserver(
+            folder,
+            loop,
+            sink,
+            on_overflow,
+            read_interval=read_interval,
+            read_interval_max=read_interval_max,
+        )
     from watcher.fs_events import FolderObserver  # noqa: PLC0415 (imports watchdog)
 
     return FolderObserver(folder, loop, sink)

@@ -175,6 +175,8 @@ def test_flags_override_env(argv: list[str], field: str, expected: object) -> No
         pytest.param(["-p=-1"], id="port-negative"),
         pytest.param(["--rescan-interval", "-1"], id="rescan-negative"),
         pytest.param(["--batch-delay", "-0.1"], id="batch-delay-negative"),
+        pytest.param(["--batch-interval-max", "-0.1"], id="batch-interval-max-negative"),
+        pytest.param(["--batch-interval-max", "nan"], id="batch-interval-max-nan"),
         pytest.param(["--heartbeat-interval", "0"], id="heartbeat-zero"),
         pytest.param(["--reconnect-min", "0"], id="reconnect-zero"),
         pytest.param(["--max-batch", "0"], id="max-batch-zero"),

@@ -7,6 +7,7 @@ thread); the sink records every observation as the folder watch would get it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -166,5 +167,60 @@ async def test_inotify_reads_what_comes_within_the_read_interval_together(tmp_pa
         assert len(rec.seen) == 2, [sorted(n for n, _ in obs) for obs in rec.seen]
         assert sorted(n for n, _ in rec.seen[1]) == names
         assert rec.overflows == 0
+    finally:
+        await observer.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+async def test_inotify_reads_further_apart_while_changes_keep_coming(tmp_path: Path) -> None:
+    """Each read that finds changes waiting doubles the wait before the next, up to the
+    most; once a read finds none, the next change is read as soon as it comes."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    loop = asyncio.get_running_loop()
+    rec = Recorder()
+    reads: list[float] = []
+
+    def sink(obs: Observation, observed_ns: int) -> None:
+        reads.append(loop.time())
+        rec.sink(obs, observed_ns)
+
+    least, most = 0.02, 0.16
+    observer = make_observer(
+        "inotify",
+        os.fsencode(folder),
+        loop,
+        sink,
+        rec.overflowed,
+        read_interval=least,
+        read_interval_max=most,
+    )
+    observer.start()
+    try:
+        # A change every 5 ms for 0.6 s: every wait ends with changes queued.
+        end, i = loop.time() + 0.6, 0
+        while loop.time() < end:
+            (folder / f"churn-{i:03d}").write_bytes(b"x")
+            i += 1
+            await asyncio.sleep(0.005)
+        last = f"churn-{i - 1:03d}"
+        await _until_state(rec, last.encode(), (1, os.stat(folder / last).st_mtime_ns), "churn")
+        gaps = [b - a for a, b in itertools.pairwise(reads)]
+        waits = [min(least * 2**k, most) for k in range(len(gaps))]
+        assert len(gaps) >= 3, reads
+        # A timer never fires early; a busy loop only makes the gaps longer.
+        assert all(gap >= wait - 0.001 for gap, wait in zip(gaps, waits, strict=True)), (
+            gaps,
+            waits,
+        )
+        assert len(reads) < i / 2  # at a fixed 20 ms, 0.6 s of changes would take 30 reads
+
+        # A quiet spell longer than the longest wait: the next read finds nothing.
+        await asyncio.sleep(2 * most)
+        seen = len(rec.seen)
+        os.close(os.open(folder / "lone.txt", os.O_WRONLY | os.O_CREAT))  # queued at once
+        for _ in range(3):  # a few turns of the loop, no timer: only the reader can see it
+            await asyncio.sleep(0)
+        assert [n for obs in rec.seen[seen:] for n, _ in obs] == [b"lone.txt"]
     finally:
         await observer.stop()
