@@ -67,7 +67,7 @@ class WatcherConfig:
     """Least seconds between two batches while changes keep coming, and between two reads
     of the folder's inotify events; a change after a quieter spell goes at once (0: every
     change as soon as the previous batch is written)."""
-    batch_interval_max: float = 0.02
+    batch_interval_max: float = 0.04
     """The most the interval between two reads of the folder's inotify events grows to
     while changes keep coming: it doubles from `batch_interval` after each read that
     finds changes waiting, and falls back when one finds none (never below
