@@ -161,7 +161,8 @@ class SyncService(pb_grpc.WatcherSyncServicer):
                 end = msg.snapshot_end
                 reply = sessions.snapshot_end(session, end.sequence, end.count)
             elif kind == "heartbeat":
-                reply = sessions.heartbeat(session, msg.heartbeat.sequence)
+                beat = msg.heartbeat
+                reply = sessions.heartbeat(session, beat.sequence, beat.want_ack)
             elif kind == "goodbye":
                 return True
             elif kind == "hello":

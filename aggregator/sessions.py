@@ -309,8 +309,9 @@ class Sessions:
             return self._resync(session, "gap", result.applied_sequence)
         return None
 
-    def heartbeat(self, session: Session, sequence: int) -> Ack | Resync:
-        """The watcher's position when idle: acknowledged, or a resync if it is ahead of us."""
+    def heartbeat(self, session: Session, sequence: int, want_ack: bool) -> Ack | Resync | None:
+        """The watcher's position when idle: a resync if it is ahead of us, else an Ack if
+        it asks for one (a barrier), else nothing: a live watcher needs no answer."""
         info = self._store.index.watcher(session.node)
         applied = info.applied_sequence if info else 0
         self._store.position(session.node, sequence, applied)
@@ -323,7 +324,7 @@ class Sessions:
         ):
             # The watcher has sent more than we applied and not resent it.
             return self._resync(session, "behind", applied)
-        return Ack(applied)
+        return Ack(applied) if want_ack else None
 
     # ------------------------------------------------------------ internals
 

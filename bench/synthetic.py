@@ -105,9 +105,11 @@ def batch_msg(sequence: int, changes: Iterable[tuple[Op, File]], observed_ns: in
     return pb.WatcherMessage(batch=batch).SerializeToString()
 
 
-def heartbeat_msg(sequence: int) -> bytes:
-    """A serialized Heartbeat."""
-    return pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=sequence)).SerializeToString()
+def heartbeat_msg(sequence: int, want_ack: bool = True) -> bytes:
+    """A serialized Heartbeat; `want_ack`: answered with an Ack (a barrier), as the watcher's
+    own idle heartbeats are not."""
+    beat = pb.Heartbeat(sequence=sequence, want_ack=want_ack)
+    return pb.WatcherMessage(heartbeat=beat).SerializeToString()
 
 
 GOODBYE = pb.WatcherMessage(goodbye=pb.Goodbye()).SerializeToString()

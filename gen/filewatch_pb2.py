@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13gen/filewatch.proto\x12\x0c\x66ilewatch.v1\"8\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x03 \x01(\x03\"l\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x0e\n\x06\x66older\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x11\n\thttp_port\x18\x05 \x01(\r\x12\x15\n\rlast_sequence\x18\x06 \x01(\x04\"6\n\rSnapshotChunk\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.filewatch.v1.FileInfo\".\n\x0bSnapshotEnd\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"L\n\x06\x43hange\x12\x1c\n\x02op\x18\x01 \x01(\x0e\x32\x10.filewatch.v1.Op\x12$\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.filewatch.v1.FileInfo\"\x83\x01\n\x05\x42\x61tch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12%\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x14.filewatch.v1.Change\x12\x18\n\x10observed_unix_ns\x18\x03 \x01(\x03\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x12\n\ntracestate\x18\x05 \x01(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\t\n\x07Goodbye\"\xa6\x02\n\x0eWatcherMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.filewatch.v1.HelloH\x00\x12\x35\n\x0esnapshot_chunk\x18\x02 \x01(\x0b\x32\x1b.filewatch.v1.SnapshotChunkH\x00\x12\x31\n\x0csnapshot_end\x18\x03 \x01(\x0b\x32\x19.filewatch.v1.SnapshotEndH\x00\x12$\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x13.filewatch.v1.BatchH\x00\x12,\n\theartbeat\x18\x05 \x01(\x0b\x32\x17.filewatch.v1.HeartbeatH\x00\x12(\n\x07goodbye\x18\x06 \x01(\x0b\x32\x15.filewatch.v1.GoodbyeH\x00\x42\x06\n\x04kind\"B\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0e\n\x06resume\x18\x02 \x01(\x08\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\"\x1f\n\x03\x41\x63k\x12\x18\n\x10\x61pplied_sequence\x18\x01 \x01(\x04\"2\n\x06Resync\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x02 \x01(\x04\"\x8f\x01\n\x11\x41ggregatorMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.filewatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.filewatch.v1.AckH\x00\x12&\n\x06resync\x18\x03 \x01(\x0b\x32\x14.filewatch.v1.ResyncH\x00\x42\x06\n\x04kind\"w\n\tFileEntry\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x10\n\x08raw_name\x18\x02 \x01(\x0c\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x18\n\x10modified_unix_ns\x18\x05 \x01(\x03\x12\x10\n\x08modified\x18\x06 \x01(\t\"9\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"t\n\x11ListFilesResponse\x12&\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x17.filewatch.v1.FileEntry\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"K\n\x11WatchFilesRequest\x12\x16\n\x0eresume_version\x18\x01 \x01(\x04\x12\x1e\n\x16max_events_per_message\x18\x02 \x01(\r\"\xc3\x01\n\tFileEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.filewatch.v1.FileEvent.Kind\x12&\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x17.filewatch.v1.FileEntry\x12\x0f\n\x07version\x18\x03 \x01(\x04\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_ADDED\x10\x01\x12\x10\n\x0cKIND_REMOVED\x10\x02\x12\x11\n\rKIND_MODIFIED\x10\x03\"R\n\tListChunk\x12&\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x17.filewatch.v1.FileEntry\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x9b\x01\n\x12WatchFilesResponse\x12\'\n\x04list\x18\x01 \x01(\x0b\x32\x17.filewatch.v1.ListChunkH\x00\x12(\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.filewatch.v1.FileEventH\x00\x12*\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x18.filewatch.v1.FileEventsH\x00\x42\x06\n\x04kind\"5\n\nFileEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.filewatch.v1.FileEvent*B\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\n\n\x06OP_ADD\x10\x01\x12\r\n\tOP_REMOVE\x10\x02\x12\r\n\tOP_MODIFY\x10\x03\x32X\n\x0bWatcherSync\x12I\n\x04Sync\x12\x1c.filewatch.v1.WatcherMessage\x1a\x1f.filewatch.v1.AggregatorMessage(\x01\x30\x01\x32\xac\x01\n\tFileIndex\x12L\n\tListFiles\x12\x1e.filewatch.v1.ListFilesRequest\x1a\x1f.filewatch.v1.ListFilesResponse\x12Q\n\nWatchFiles\x12\x1f.filewatch.v1.WatchFilesRequest\x1a .filewatch.v1.WatchFilesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13gen/filewatch.proto\x12\x0c\x66ilewatch.v1\"8\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08mtime_ns\x18\x03 \x01(\x03\"l\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x0e\n\x06\x66older\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x11\n\thttp_port\x18\x05 \x01(\r\x12\x15\n\rlast_sequence\x18\x06 \x01(\x04\"6\n\rSnapshotChunk\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.filewatch.v1.FileInfo\".\n\x0bSnapshotEnd\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"L\n\x06\x43hange\x12\x1c\n\x02op\x18\x01 \x01(\x0e\x32\x10.filewatch.v1.Op\x12$\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.filewatch.v1.FileInfo\"\x83\x01\n\x05\x42\x61tch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12%\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\x14.filewatch.v1.Change\x12\x18\n\x10observed_unix_ns\x18\x03 \x01(\x03\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x12\n\ntracestate\x18\x05 \x01(\t\"/\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08want_ack\x18\x02 \x01(\x08\"\t\n\x07Goodbye\"\xa6\x02\n\x0eWatcherMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.filewatch.v1.HelloH\x00\x12\x35\n\x0esnapshot_chunk\x18\x02 \x01(\x0b\x32\x1b.filewatch.v1.SnapshotChunkH\x00\x12\x31\n\x0csnapshot_end\x18\x03 \x01(\x0b\x32\x19.filewatch.v1.SnapshotEndH\x00\x12$\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x13.filewatch.v1.BatchH\x00\x12,\n\theartbeat\x18\x05 \x01(\x0b\x32\x17.filewatch.v1.HeartbeatH\x00\x12(\n\x07goodbye\x18\x06 \x01(\x0b\x32\x15.filewatch.v1.GoodbyeH\x00\x42\x06\n\x04kind\"B\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0e\n\x06resume\x18\x02 \x01(\x08\x12\x18\n\x10\x61pplied_sequence\x18\x03 \x01(\x04\"\x1f\n\x03\x41\x63k\x12\x18\n\x10\x61pplied_sequence\x18\x01 \x01(\x04\"2\n\x06Resync\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x02 \x01(\x04\"\x8f\x01\n\x11\x41ggregatorMessage\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.filewatch.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.filewatch.v1.AckH\x00\x12&\n\x06resync\x18\x03 \x01(\x0b\x32\x14.filewatch.v1.ResyncH\x00\x42\x06\n\x04kind\"w\n\tFileEntry\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x10\n\x08raw_name\x18\x02 \x01(\x0c\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x18\n\x10modified_unix_ns\x18\x05 \x01(\x03\x12\x10\n\x08modified\x18\x06 \x01(\t\"9\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"t\n\x11ListFilesResponse\x12&\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x17.filewatch.v1.FileEntry\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"K\n\x11WatchFilesRequest\x12\x16\n\x0eresume_version\x18\x01 \x01(\x04\x12\x1e\n\x16max_events_per_message\x18\x02 \x01(\r\"\xc3\x01\n\tFileEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.filewatch.v1.FileEvent.Kind\x12&\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x17.filewatch.v1.FileEntry\x12\x0f\n\x07version\x18\x03 \x01(\x04\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_ADDED\x10\x01\x12\x10\n\x0cKIND_REMOVED\x10\x02\x12\x11\n\rKIND_MODIFIED\x10\x03\"R\n\tListChunk\x12&\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x17.filewatch.v1.FileEntry\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x9b\x01\n\x12WatchFilesResponse\x12\'\n\x04list\x18\x01 \x01(\x0b\x32\x17.filewatch.v1.ListChunkH\x00\x12(\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.filewatch.v1.FileEventH\x00\x12*\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x18.filewatch.v1.FileEventsH\x00\x42\x06\n\x04kind\"5\n\nFileEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.filewatch.v1.FileEvent*B\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\n\n\x06OP_ADD\x10\x01\x12\r\n\tOP_REMOVE\x10\x02\x12\r\n\tOP_MODIFY\x10\x03\x32X\n\x0bWatcherSync\x12I\n\x04Sync\x12\x1c.filewatch.v1.WatcherMessage\x1a\x1f.filewatch.v1.AggregatorMessage(\x01\x30\x01\x32\xac\x01\n\tFileIndex\x12L\n\tListFiles\x12\x1e.filewatch.v1.ListFilesRequest\x1a\x1f.filewatch.v1.ListFilesResponse\x12Q\n\nWatchFiles\x12\x1f.filewatch.v1.WatchFilesRequest\x1a .filewatch.v1.WatchFilesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gen.filewatch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OP']._serialized_start=2029
-  _globals['_OP']._serialized_end=2095
+  _globals['_OP']._serialized_start=2047
+  _globals['_OP']._serialized_end=2113
   _globals['_FILEINFO']._serialized_start=37
   _globals['_FILEINFO']._serialized_end=93
   _globals['_HELLO']._serialized_start=95
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCH']._serialized_start=388
   _globals['_BATCH']._serialized_end=519
   _globals['_HEARTBEAT']._serialized_start=521
-  _globals['_HEARTBEAT']._serialized_end=550
-  _globals['_GOODBYE']._serialized_start=552
-  _globals['_GOODBYE']._serialized_end=561
-  _globals['_WATCHERMESSAGE']._serialized_start=564
-  _globals['_WATCHERMESSAGE']._serialized_end=858
-  _globals['_WELCOME']._serialized_start=860
-  _globals['_WELCOME']._serialized_end=926
-  _globals['_ACK']._serialized_start=928
-  _globals['_ACK']._serialized_end=959
-  _globals['_RESYNC']._serialized_start=961
-  _globals['_RESYNC']._serialized_end=1011
-  _globals['_AGGREGATORMESSAGE']._serialized_start=1014
-  _globals['_AGGREGATORMESSAGE']._serialized_end=1157
-  _globals['_FILEENTRY']._serialized_start=1159
-  _globals['_FILEENTRY']._serialized_end=1278
-  _globals['_LISTFILESREQUEST']._serialized_start=1280
-  _globals['_LISTFILESREQUEST']._serialized_end=1337
-  _globals['_LISTFILESRESPONSE']._serialized_start=1339
-  _globals['_LISTFILESRESPONSE']._serialized_end=1455
-  _globals['_WATCHFILESREQUEST']._serialized_start=1457
-  _globals['_WATCHFILESREQUEST']._serialized_end=1532
-  _globals['_FILEEVENT']._serialized_start=1535
-  _globals['_FILEEVENT']._serialized_end=1730
-  _globals['_FILEEVENT_KIND']._serialized_start=1649
-  _globals['_FILEEVENT_KIND']._serialized_end=1730
-  _globals['_LISTCHUNK']._serialized_start=1732
-  _globals['_LISTCHUNK']._serialized_end=1814
-  _globals['_WATCHFILESRESPONSE']._serialized_start=1817
-  _globals['_WATCHFILESRESPONSE']._serialized_end=1972
-  _globals['_FILEEVENTS']._serialized_start=1974
-  _globals['_FILEEVENTS']._serialized_end=2027
-  _globals['_WATCHERSYNC']._serialized_start=2097
-  _globals['_WATCHERSYNC']._serialized_end=2185
-  _globals['_FILEINDEX']._serialized_start=2188
-  _globals['_FILEINDEX']._serialized_end=2360
+  _globals['_HEARTBEAT']._serialized_end=568
+  _globals['_GOODBYE']._serialized_start=570
+  _globals['_GOODBYE']._serialized_end=579
+  _globals['_WATCHERMESSAGE']._serialized_start=582
+  _globals['_WATCHERMESSAGE']._serialized_end=876
+  _globals['_WELCOME']._serialized_start=878
+  _globals['_WELCOME']._serialized_end=944
+  _globals['_ACK']._serialized_start=946
+  _globals['_ACK']._serialized_end=977
+  _globals['_RESYNC']._serialized_start=979
+  _globals['_RESYNC']._serialized_end=1029
+  _globals['_AGGREGATORMESSAGE']._serialized_start=1032
+  _globals['_AGGREGATORMESSAGE']._serialized_end=1175
+  _globals['_FILEENTRY']._serialized_start=1177
+  _globals['_FILEENTRY']._serialized_end=1296
+  _globals['_LISTFILESREQUEST']._serialized_start=1298
+  _globals['_LISTFILESREQUEST']._serialized_end=1355
+  _globals['_LISTFILESRESPONSE']._serialized_start=1357
+  _globals['_LISTFILESRESPONSE']._serialized_end=1473
+  _globals['_WATCHFILESREQUEST']._serialized_start=1475
+  _globals['_WATCHFILESREQUEST']._serialized_end=1550
+  _globals['_FILEEVENT']._serialized_start=1553
+  _globals['_FILEEVENT']._serialized_end=1748
+  _globals['_FILEEVENT_KIND']._serialized_start=1667
+  _globals['_FILEEVENT_KIND']._serialized_end=1748
+  _globals['_LISTCHUNK']._serialized_start=1750
+  _globals['_LISTCHUNK']._serialized_end=1832
+  _globals['_WATCHFILESRESPONSE']._serialized_start=1835
+  _globals['_WATCHFILESRESPONSE']._serialized_end=1990
+  _globals['_FILEEVENTS']._serialized_start=1992
+  _globals['_FILEEVENTS']._serialized_end=2045
+  _globals['_WATCHERSYNC']._serialized_start=2115
+  _globals['_WATCHERSYNC']._serialized_end=2203
+  _globals['_FILEINDEX']._serialized_start=2206
+  _globals['_FILEINDEX']._serialized_end=2378
 # @@protoc_insertion_point(module_scope)

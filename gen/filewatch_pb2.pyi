@@ -224,20 +224,29 @@ Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
-    """Sent when idle, so both ends know the stream and the position are alive."""
+    """Sent when idle, so the aggregator knows the watcher and its position are alive
+    (gRPC keepalive watches the connection itself). A heartbeat ahead of what the
+    aggregator applied is answered with a Resync; otherwise it is answered only when
+    it asks: the watcher's idle heartbeats do not, so an idle stream costs the
+    aggregator one read per heartbeat and no write.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    WANT_ACK_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
+    want_ack: _builtins.bool
+    """Answer with an Ack: a barrier, as every message before it is applied first."""
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
+        want_ack: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "want_ack", b"want_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -134,12 +134,13 @@ class Peer:
         await self.send(pb.WatcherMessage(batch=message))
 
     async def heartbeat(self, sequence: int = 0) -> pb.AggregatorMessage:
-        """Send a heartbeat; returns the next message from the aggregator.
+        """Send a heartbeat that asks for an Ack; returns the next message from the aggregator.
 
-        A heartbeat at or below the applied sequence is always answered, after
+        Such a heartbeat at or below the applied sequence is always answered, after
         everything sent before it was handled, so it doubles as a barrier.
         """
-        await self.send(pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=sequence)))
+        beat = pb.Heartbeat(sequence=sequence, want_ack=True)
+        await self.send(pb.WatcherMessage(heartbeat=beat))
         return await self.receive()
 
     async def status(self) -> Any:

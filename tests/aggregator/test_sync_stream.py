@@ -358,6 +358,20 @@ async def test_heartbeats_set_the_position_gauges_again_after_a_rejoin(
         assert aggregator.metrics.registry.get_sample_value(last_seen, {"node": "node-a"}) is None
 
 
+async def test_a_heartbeat_is_answered_only_when_it_asks_or_is_ahead(channel: Any) -> None:
+    """The watcher's idle heartbeats ask for nothing: an idle stream costs no write."""
+    peer = Peer(channel, "node-a")
+    await peer.join([b"a.txt"])
+    await peer.send(pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=0)))
+    await peer.batch(1, add(b"b.txt"))
+    # Had the first heartbeat been answered, its Ack (applied 0) would come first.
+    assert (await peer.heartbeat(sequence=1)).ack.applied_sequence == 1
+    # A heartbeat ahead of what was applied gets a resync, asked or not.
+    await peer.send(pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=5)))
+    assert (await peer.receive()).WhichOneof("kind") == "resync"
+    peer.call.cancel()
+
+
 async def test_the_files_gauge_follows_batches_and_comes_back_after_a_rejoin(
     aggregator: Aggregator, channel: Any
 ) -> None:

@@ -655,8 +655,8 @@ def batch_msg(sequence: int, *changes: tuple[int, bytes]) -> pb.WatcherMessage:
 
 
 def heartbeat_msg(sequence: int) -> pb.WatcherMessage:
-    """A Heartbeat."""
-    return pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=sequence))
+    """A Heartbeat that asks for an Ack (a barrier)."""
+    return pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=sequence, want_ack=True))
 
 
 def _identity(data: bytes) -> bytes:

@@ -229,7 +229,8 @@ def watcher_messages(draw: st.DrawFn, taken: tuple[str, ...]) -> pb.WatcherMessa
         )
         return pb.WatcherMessage(batch=batch)
     if kind == "heartbeat":
-        return pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=draw(u64)))
+        beat = pb.Heartbeat(sequence=draw(u64), want_ack=draw(st.booleans()))
+        return pb.WatcherMessage(heartbeat=beat)
     if kind == "goodbye":
         return pb.WatcherMessage(goodbye=pb.Goodbye())
     if kind == "empty":

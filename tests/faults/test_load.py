@@ -138,7 +138,9 @@ class Synthetic:
     async def settle(self) -> None:
         """A heartbeat with the last sequence, and wait for the ack that covers it."""
         self.acked.clear()
-        await self.call.write(pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=self.sequence)))
+        await self.call.write(
+            pb.WatcherMessage(heartbeat=pb.Heartbeat(sequence=self.sequence, want_ack=True))
+        )
         await asyncio.wait_for(self.acked.wait(), 60)
 
     async def goodbye(self) -> None:
