@@ -181,7 +181,10 @@ def _no_histogram() -> dict[float, float]:
     return {}
 
 
-COST_RATE = 200.0  # changes per second: one at a time (5 ms apart), as a quiet folder sees them
+# Changes per second, one at a time, as a quiet folder sees them: 10 ms apart, twice the
+# watcher's --batch-interval, so that each is read and sent alone (in legacy mode, one
+# PATCH per change, as the Go watcher sends them); closer, the watcher groups them.
+COST_RATE = 100.0
 
 
 def _requests(port: int, route: str) -> float:
@@ -238,8 +241,8 @@ def _change_cost(z: Sizes, agg: AggregatorProc, folder: Path, protocol: str) -> 
 
     The aggregator's CPU over an idle spell is measured first, then over
     `z.cost_changes` creates and deletes paced at COST_RATE a second; the idle rate
-    over the same time is subtracted. Legacy: per PATCH, counted by the
-    aggregator (the watcher sends each change as its own PATCH at this pace).
+    over the same time is subtracted. Legacy: per PATCH too, counted by the
+    aggregator (at this pace the watcher sends each change as its own PATCH).
     """
     idle_percent = _idle_percent(agg.pid, z.cost_idle)
     applied0 = metric_total(agg.http_port, "filewatch_changes_applied_total")
@@ -272,6 +275,11 @@ def _change_cost(z: Sizes, agg: AggregatorProc, folder: Path, protocol: str) -> 
     if protocol == "legacy":
         patches = _requests(agg.http_port, "/files") - patches0
         out |= {"patches": patches, "us_per_patch": busy_s / patches * 1e6}
+        if patches < 0.95 * changes:
+            raise BenchError(
+                f"{changes:.0f} changes came in {patches:.0f} PATCHes: the per-PATCH cost "
+                "needs one PATCH per change"
+            )
     return out
 
 
