@@ -105,8 +105,6 @@ class SyncClient(LinkStatus):
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
         super().__init__(metrics, target)
-        self.applied_sequence = 0
-        """The last sequence this target acknowledged."""
         self.sent_sequence = 0
         """The last sequence written to this target (batches after it are still owed)."""
         self._resync = False
@@ -212,10 +210,8 @@ class SyncClient(LinkStatus):
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 raise SyncError(await call.code(), await call.details() or "stream closed")
-            kind = msg.WhichOneof("kind")
-            if kind == "ack":
-                self.applied_sequence = msg.ack.applied_sequence
-            elif kind == "resync":
+            # An Ack needs nothing from us: where to resume comes with each welcome.
+            if msg.WhichOneof("kind") == "resync":
                 log.info("resync_requested", reason=msg.resync.reason)
                 self._resync = True
                 self._wake.set()
