@@ -32,6 +32,7 @@ the observer: `is_alive` turns False and the folder's supervisor takes over.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class InotifyObserver:
         self._read_interval = read_interval
         self._read_interval_max = max(read_interval, read_interval_max)
         self._wait = read_interval  # before the next read, while changes keep coming
+        self._last_found = -math.inf  # loop time of the last read that found events
         self._next_read: asyncio.TimerHandle | None = None
         self._loop = loop
         self._sink = sink
@@ -129,8 +131,15 @@ class InotifyObserver:
             os.close(fd)
 
     def _readable(self) -> None:
-        """The kernel has events after a quiet spell: read them at once."""
-        self._read(waited=False)
+        """The kernel has events: read them at once after a quiet spell, or else once the
+        wait since the last read is over."""
+        inotify = self._inotify
+        due = self._last_found + self._wait
+        if inotify is None or self._loop.time() >= due:
+            self._read(waited=False)
+            return
+        self._loop.remove_reader(inotify.fileno())
+        self._next_read = self._loop.call_at(due, self._read_again)
 
     def _read_again(self) -> None:
         """The wait after a read is over: read what the kernel queued meanwhile."""
@@ -154,18 +163,18 @@ class InotifyObserver:
             log.warning("observer_ended", reason="the folder was deleted, moved or unmounted")
             self._close()
             return
-        if self._read_interval <= 0:
-            return  # the descriptor stays with the loop: every event at once
-        if found:  # changes keep coming: wait, longer each time they were waiting
-            self._wait = (
-                min(2 * self._wait, self._read_interval_max) if waited else self._read_interval
-            )
-            if not waited:
-                self._loop.remove_reader(inotify.fileno())
-            self._next_read = self._loop.call_later(self._wait, self._read_again)
-        elif waited:  # quiet again: the next change is read as soon as it comes
+        if self._read_interval <= 0 or not (found or waited):
+            return  # the descriptor stays with the loop
+        if not found:  # quiet again: the next change is read as soon as it comes
             self._wait = self._read_interval
             self._loop.add_reader(inotify.fileno(), self._readable)
+            return
+        # After a quiet spell the descriptor stays with the loop, and no timer is set: a
+        # change within the wait is put off by `_readable`, a later one is read at once.
+        self._last_found = self._loop.time()
+        if waited:  # changes kept coming: wait longer, and read again by the timer
+            self._wait = min(2 * self._wait, self._read_interval_max)
+            self._next_read = self._loop.call_later(self._wait, self._read_again)
 
     def _handle(self, inotify: INotify, fd: int) -> tuple[bool, bool, bool]:
         """Read what is queued, stat each name once, hand it on.
