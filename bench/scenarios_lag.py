@@ -181,9 +181,9 @@ def _no_histogram() -> dict[float, float]:
     return {}
 
 
-# Changes per second, one at a time, as a quiet folder sees them: 10 ms apart, twice the
-# watcher's --batch-interval, so that each is read and sent alone (in legacy mode, one
-# PATCH per change, as the Go watcher sends them); closer, the watcher groups them.
+# Changes per second, one at a time, as a quiet folder sees them: 10 ms apart, and the
+# watcher reads every event at once (--batch-interval 0, see _lag_protocol), so that each
+# is sent alone (in legacy mode, one PATCH per change, as the Go watcher sends them).
 COST_RATE = 100.0
 
 
@@ -242,7 +242,7 @@ def _change_cost(z: Sizes, agg: AggregatorProc, folder: Path, protocol: str) -> 
     The aggregator's CPU over an idle spell is measured first, then over
     `z.cost_changes` creates and deletes paced at COST_RATE a second; the idle rate
     over the same time is subtracted. Legacy: per PATCH too, counted by the
-    aggregator (at this pace the watcher sends each change as its own PATCH).
+    aggregator (the watcher sends each change as its own PATCH).
     """
     idle_percent = _idle_percent(agg.pid, z.cost_idle)
     applied0 = metric_total(agg.http_port, "filewatch_changes_applied_total")
@@ -297,8 +297,15 @@ def _lag_protocol(ctx: Context, protocol: str) -> dict[int, _LagRun]:
                 f"lag {protocol}: {background:,} other files, {ctx.sizes.lag_trials} trials "
                 "(create, then delete)"
             )
+            # --batch-interval 0: every event read at once. A lone change is read at once
+            # anyway; this keeps the paced changes of the CPU phase one per message, where
+            # the watcher would otherwise group them once two come within 5 ms.
             watcher = start_watcher(
-                procs, f"watcher-{protocol}-{human(background)}", folder, target
+                procs,
+                f"watcher-{protocol}-{human(background)}",
+                folder,
+                target,
+                ("--batch-interval", "0"),
             )
             _wait_watchers(agg, background, 1, 300, procs)
             poller = FilesPoller(agg.http_port)
