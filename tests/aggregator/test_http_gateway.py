@@ -7,10 +7,13 @@ port 0 and read with a real aiohttp client; data goes in through the same
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
 import re
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from aggregator.app import Aggregator
 from aggregator.config import AggregatorConfig
@@ -288,6 +292,53 @@ async def test_the_body_is_encoded_once_per_version(gateway: Gateway) -> None:
     assert rebuilt.version == gateway.store.index.version == cached.version + 1
     assert rebuilt.plain == after
     assert b"file-0000.txt" not in after
+
+
+async def test_a_list_of_several_megabytes_is_sent_whole(gateway: Gateway) -> None:
+    # Past 64 KB the body goes out after its headers, in 1 MB slices of the cached body.
+    files = {b"big-%06d.txt" % i: meta() for i in range(60_000)}
+    gateway.install("node-a", files)
+    cached = gateway.app[BODIES].get(False)
+    assert len(cached.plain) > 1024 * 1024  # more than one slice
+
+    status, headers, body = await gateway.get("/files/", **{"Accept-Encoding": "identity"})
+    assert status == 200
+    assert headers["Content-Type"] == JSON_UTF8
+    assert headers["ETag"] == cached.etag
+    assert int(headers["Content-Length"]) == len(body)
+    assert body == cached.plain
+    assert [f["filename"] for f in decode(body)["files"]] == sorted(n.decode() for n in files)
+
+    _, headers, zipped = await gateway.get("/files/", **{"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(zipped) == cached.plain
+
+    identity = {"Accept-Encoding": "identity"}
+    async with gateway.session.head(gateway.base + "/files/", headers=identity) as response:
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == len(cached.plain)
+        assert await response.read() == b""
+    status, _, again = await gateway.get("/files/", **{"Accept-Encoding": "identity"})
+    assert status == 200 and again == body
+
+
+async def test_a_reader_leaving_mid_list_is_no_error(gateway: Gateway) -> None:
+    # 9 MB: more than the kernel takes at once, so that the server is still writing.
+    gateway.install("node-a", {b"big-%06d.txt" % i: meta() for i in range(250_000)})
+    host, port = gateway.base.removeprefix("http://").split(":")
+    with capture_logs() as logs:
+        reader, writer = await asyncio.open_connection(host, int(port), limit=4096)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server must wait on us
+        writer.write(b"GET /files/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        await reader.readexactly(4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # a reset, with most of the list unsent
+        status, _, body = await gateway.get("/files/", **{"Accept-Encoding": "identity"})
+    assert status == 200
+    assert body == gateway.app[BODIES].get(False).plain
+    assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
 
 
 # ---------------------------------------------------------------- the other routes
