@@ -169,18 +169,22 @@ class LegacyClient(LinkStatus):
             await self._post(session, "PATCH", "files", ops, inject(span)[0])
 
     async def _send_loop(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
-        while True:
-            ops = self._take_ops()
-            if ops:
-                await self._send(session, ops, stop)
-                continue
-            if stop.is_set():
-                return
-            self._wake.clear()
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+        wake = self._wake
+        # A stop wakes the loop like a change does: it waits on one event, with
+        # no task or asyncio.wait per change (as the gRPC client does).
+        stopper = asyncio.ensure_future(stop.wait())
+        stopper.add_done_callback(lambda _: wake.set())
+        try:
+            while True:
+                ops = self._take_ops()
+                if ops:
+                    await self._send(session, ops, stop)
+                    continue
+                if stop.is_set():
+                    return
+                wake.clear()  # nothing came since _take_ops: no await in between
+                await wake.wait()
+        finally:
             stopper.cancel()
 
     async def run(self, stop: asyncio.Event) -> None:
