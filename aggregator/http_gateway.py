@@ -311,7 +311,8 @@ async def _send_after_headers(
     `web.Response` sends its headers and body in one write, and on Python
     before 3.12.9 aiohttp joins the two first: a copy of the whole list on
     every read (36 MB at a million files). Slices of the cached body go to the
-    socket as they are; only what the socket does not take at once is buffered.
+    socket as they are; only what the socket does not take at once is buffered,
+    so a reader that stops reading holds one slice, not a copy of the list.
     """
     response = web.StreamResponse(headers=headers)
     response.content_type, response.charset = JSON_TYPE, "utf-8"

@@ -17,6 +17,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -47,6 +48,7 @@ class Gateway:
     app: web.Application
     base: str
     session: aiohttp.ClientSession
+    runner: web.AppRunner
 
     async def get(self, path: str, **headers: str) -> tuple[int, Mapping[str, str], bytes]:
         """GET a path; returns (status, headers, raw body), never following redirects."""
@@ -83,7 +85,7 @@ async def gateway() -> AsyncIterator[Gateway]:
         port = runner.addresses[0][1]
         # Bodies are checked as sent: no automatic decompression.
         async with aiohttp.ClientSession(auto_decompress=False) as session:
-            yield Gateway(store, metrics, app, f"http://{HOST}:{port}", session)
+            yield Gateway(store, metrics, app, f"http://{HOST}:{port}", session, runner)
     finally:
         await runner.cleanup()
 
@@ -96,6 +98,17 @@ def meta(size: int = 1, mtime_ns: int = MTIME_NS) -> Meta:
 def decode(body: bytes) -> Any:
     """A JSON body, checked to be strict UTF-8 first."""
     return json.loads(body.decode("utf-8"))
+
+
+def more_than_the_kernel_takes() -> dict[bytes, Meta]:
+    """A list of at least 9 MB and twice what one socket may buffer (tcp_wmem's maximum):
+    so that the server is still writing while the reader holds back."""
+    try:
+        wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        wmem_max = 4 * 1024 * 1024
+    count = max(250_000, 2 * wmem_max // 36)  # about 36 bytes per listed file
+    return {b"big-%07d.txt" % i: meta() for i in range(count)}
 
 
 # ---------------------------------------------------------------- the /files/ body
@@ -323,8 +336,7 @@ async def test_a_list_of_several_megabytes_is_sent_whole(gateway: Gateway) -> No
 
 
 async def test_a_reader_leaving_mid_list_is_no_error(gateway: Gateway) -> None:
-    # 9 MB: more than the kernel takes at once, so that the server is still writing.
-    gateway.install("node-a", {b"big-%06d.txt" % i: meta() for i in range(250_000)})
+    gateway.install("node-a", more_than_the_kernel_takes())
     host, port = gateway.base.removeprefix("http://").split(":")
     with capture_logs() as logs:
         reader, writer = await asyncio.open_connection(host, int(port), limit=4096)
@@ -339,6 +351,34 @@ async def test_a_reader_leaving_mid_list_is_no_error(gateway: Gateway) -> None:
     assert status == 200
     assert body == gateway.app[BODIES].get(False).plain
     assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+
+
+async def test_a_reader_that_stops_reading_holds_a_slice_not_a_copy(gateway: Gateway) -> None:
+    # What the kernel does not take waits in the server's write buffer.
+    gateway.install("node-a", more_than_the_kernel_takes())
+    host, port = gateway.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=4096)
+    try:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(b"GET /files/ HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        server = gateway.runner.server
+        assert server is not None
+        sizes: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(sizes) < 20 and time.monotonic() < deadline:  # we read nothing more
+            buffered = [
+                c.transport.get_write_buffer_size()
+                for c in server.connections
+                if c.transport is not None
+            ]
+            if any(buffered):
+                sizes.append(max(buffered))
+            await asyncio.sleep(0.01)
+        assert len(sizes) == 20, "the server never had to wait for the reader"
+        assert max(sizes) <= 1024 * 1024 + 64 * 1024  # one slice (and the high-water mark)
+    finally:
+        writer.close()
 
 
 # ---------------------------------------------------------------- the other routes
