@@ -31,6 +31,7 @@ from aggregator.http_gateway import BODIES, make_app
 from aggregator.index import Change, Index, Meta, Op, pack_meta
 from aggregator.store import Store
 from aggregator.telemetry import Metrics
+from tests.support import wait_for_async
 
 HOST = "127.0.0.1"
 JSON_UTF8 = "application/json; charset=utf-8"
@@ -347,6 +348,7 @@ async def test_a_reader_leaving_mid_list_is_no_error(gateway: Gateway) -> None:
         await reader.readexactly(4096)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()  # a reset, with most of the list unsent
+        await writer.wait_closed()
         status, _, body = await gateway.get("/files/", **{"Accept-Encoding": "identity"})
     assert status == 200
     assert body == gateway.app[BODIES].get(False).plain
@@ -379,6 +381,13 @@ async def test_a_reader_that_stops_reading_holds_a_slice_not_a_copy(gateway: Gat
         assert max(sizes) <= 1024 * 1024 + 64 * 1024  # one slice (and the high-water mark)
     finally:
         writer.close()
+        await writer.wait_closed()
+
+    async def connections() -> int:
+        return len(server.connections)
+
+    # The server's handler sees the reader gone and its connection closes.
+    await wait_for_async(connections, 10, until=lambda n: n == 0, what="the connection closed")
 
 
 # ---------------------------------------------------------------- the other routes
