@@ -324,8 +324,8 @@ class _EventMessages:
 
     def __init__(self, size: int = 1024) -> None:
         self._size = size
-        self._alone: dict[int, bytes] = {}
-        self._grouped: dict[int, bytes] = {}
+        self._alone: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._grouped: collections.OrderedDict[int, bytes] = collections.OrderedDict()
 
     def alone(self, event: Event) -> bytes:
         """`event` as a message of its own."""
@@ -345,9 +345,11 @@ class _EventMessages:
             data = self._keep(self._grouped, event.version, message.SerializeToString())
         return data
 
-    def _keep(self, built: dict[int, bytes], version: int, data: bytes) -> bytes:
+    def _keep(self, built: collections.OrderedDict[int, bytes], version: int, data: bytes) -> bytes:
         if len(built) >= self._size:
-            del built[next(iter(built))]  # the oldest (dicts keep insertion order)
+            # The oldest. Not `del d[next(iter(d))]` on a plain dict: its
+            # iteration steps over every slot deleted so far, 1.4 us here.
+            built.popitem(last=False)
         built[version] = data
         return data
 
