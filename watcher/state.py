@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -53,8 +53,11 @@ class FolderState:
     def __init__(self, resend_buffer: int = 1024) -> None:
         self.files: dict[bytes, FileStat] = {}
         self.sequence = 0
-        # name -> its state as of the last batch (None: absent then).
-        self._dirty: dict[bytes, FileStat | None] = {}
+        # name -> its state as of the last batch (None: absent then), oldest
+        # first. An OrderedDict, taken from the front with popitem: a plain
+        # dict's next(iter()) steps over every slot popped before it, which
+        # made draining 30,000 names take 0.5 s instead of 5 ms.
+        self._dirty: OrderedDict[bytes, FileStat | None] = OrderedDict()
         self._first_observed_ns: int | None = None
         self._ring: deque[Batch] = deque(maxlen=resend_buffer)
         self._touched: set[bytes] | None = None
@@ -108,7 +111,7 @@ class FolderState:
             # The first scan, undisturbed: every file is an addition. The same
             # as observing each one, without 100k calls on the event loop.
             self.files = dict(scanned)
-            self._dirty = dict.fromkeys(scanned)
+            self._dirty = OrderedDict.fromkeys(scanned)
             self._first_observed_ns = observed_ns
             return len(scanned), touched
         changed = 0
@@ -139,8 +142,7 @@ class FolderState:
         """
         changes: list[Change] = []
         while self._dirty and len(changes) < max_changes:
-            name = next(iter(self._dirty))
-            before = self._dirty.pop(name)
+            name, before = self._dirty.popitem(last=False)
             now = self.files.get(name)
             if before == now:
                 continue
